@@ -1,0 +1,434 @@
+"""Crash-consistent checkpoints on object-store mounts.
+
+Guarantee: a checkpoint is chosen for resume only if its manifest exists and every
+file the manifest lists has exactly the listed size and xxh3-128 checksum. A kill at
+any instant (mid-write, mid-manifest, mid-delete) therefore leaves either a checkpoint
+that verifies or one that is skipped with a one-line warning naming the file and the
+reason, and resume falls back to the next older one.
+
+How, and why each rule exists:
+
+- Each save is a NEW directory ``<root>/step-<N:08d>``. A retry of the same step (after a
+  crash and a resume from an older checkpoint) gets ``step-<N:08d>.r<k>``: we never
+  write into a directory that may hold a half-written earlier attempt.
+- Every file is written and closed first; ``manifest.json`` is written last. Checksums
+  are computed on the bytes as they are written: on a bucket mount, reading a file back
+  downloads it. Nothing relies on rename, which on buckets is copy+delete.
+- Retention keeps the ``keep_last`` (>= 2) newest committed checkpoints and deletes an
+  older one only after a newer one is committed. A delete removes the manifest first,
+  so a half-deleted checkpoint can never verify.
+- Saves are collective: every rank writes its own files (its RNG state, say), rank 0
+  gathers their entries and writes the manifest. With ``async_save`` the state is
+  snapshotted to CPU memory at a step boundary and written on a background thread; at
+  most one save is in flight, and it is committed at the first step boundary where
+  every rank has finished writing (``at_step_boundary``), or by ``wait()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import xxhash
+
+import skyspot
+
+log = logging.getLogger("skyspot.checkpoint")
+
+MANIFEST = "manifest.json"
+FORMAT = "skyspot-checkpoint/1"
+_DIR_RE = re.compile(r"^step-(?P<step>\d{8})(?:\.r(?P<retry>\d+))?$")
+_CHUNK = 8 << 20  # bytes per write call: big enough for throughput, small enough to hash in cache
+# Fault injection for rehearsals and tests: seconds to sleep after each checkpoint file is
+# written, so a kill can land mid-checkpoint on purpose. Never set in production.
+WRITE_DELAY_ENV = "SKYSPOT_FAULT_WRITE_DELAY_S"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint can't be used or written; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the checkpoint directory
+    size: int  # bytes
+    xxh3_128: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    manifest: dict
+
+    @property
+    def meta(self) -> dict:
+        return self.manifest.get("meta", {})
+
+    def load(self, name: str) -> Any:
+        """Load one file of this checkpoint: tensors from .safetensors, else torch.load."""
+        file = self.path / name
+        if name.endswith(".safetensors"):
+            return safetensors.torch.load_file(file)
+        # weights_only=False: RNG states hold numpy arrays; the file's checksum was verified.
+        return torch.load(file, map_location="cpu", weights_only=False)
+
+
+class _HashingWriter:
+    """File-like that checksums and counts the bytes on their way to disk."""
+
+    def __init__(self, raw: io.BufferedWriter):
+        self.raw, self.hash, self.size = raw, xxhash.xxh3_128(), 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.hash.update(view)
+        self.size += len(view)
+        return self.raw.write(view)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def write_file(directory: Path, name: str, payload: Any) -> FileEntry:
+    """Serialize ``payload`` into ``directory/name``, checksumming as it writes.
+
+    bytes are written as is; a dict of tensors to ``*.safetensors`` goes through
+    safetensors; anything else through ``torch.save``.
+    """
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as raw:  # "x": never overwrite; every save has a fresh directory
+        out = _HashingWriter(raw)
+        if name.endswith(".safetensors"):
+            payload = safetensors.torch.save(payload, metadata={"format": "pt"})
+        if isinstance(payload, bytes | bytearray | memoryview):
+            view = memoryview(payload)
+            for start in range(0, len(view), _CHUNK):
+                out.write(view[start : start + _CHUNK])
+        else:
+            torch.save(payload, out)
+        raw.flush()
+        os.fsync(raw.fileno())
+    if delay := float(os.environ.get(WRITE_DELAY_ENV) or 0):
+        time.sleep(delay)
+    return FileEntry(name, out.size, out.hash.hexdigest())
+
+
+def verify(path: Path) -> tuple[dict | None, str | None]:
+    """Return (manifest, None) if the checkpoint at ``path`` is complete, else (None, reason)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, f"{MANIFEST} missing (the save never committed)"
+    except (OSError, ValueError) as err:
+        return None, f"{MANIFEST} unreadable: {err}"
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), list):
+        return None, f"{MANIFEST} is not a {FORMAT} manifest"
+    for entry in manifest["files"]:
+        file = path / entry["path"]
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            return None, f"{entry['path']} missing"
+        if size != entry["size"]:
+            return None, f"{entry['path']} has {size} bytes, manifest says {entry['size']}"
+        digest = xxhash.xxh3_128()
+        with open(file, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["xxh3_128"]:
+            return None, f"{entry['path']} checksum mismatch"
+    return manifest, None
+
+
+def step_dirs(root: Path) -> list[tuple[int, int, Path]]:
+    """(step, retry, path) of every checkpoint directory under root, newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _DIR_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match["step"]), int(match["retry"] or 0), child))
+    return sorted(found, reverse=True)
+
+
+def latest_valid(root: Path) -> Checkpoint | None:
+    """Newest checkpoint under root that verifies; warn once per skipped one."""
+    for step, _, path in step_dirs(root):
+        manifest, reason = verify(path)
+        if manifest is not None:
+            return Checkpoint(path, step, manifest)
+        log.warning("skipping checkpoint %s: %s", path, reason)
+    return None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load one named checkpoint, or raise CheckpointError saying why it can't be used."""
+    match = _DIR_RE.match(path.name)
+    if not match:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected step-NNNNNNNN)")
+    manifest, reason = verify(path)
+    if manifest is None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
+    return Checkpoint(path, int(match["step"]), manifest)
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "transformers": transformers.__version__,
+        "skyspot": skyspot.__version__,
+    }
+
+
+@dataclass
+class Committed:
+    """What a commit reports: for logs and the event stream."""
+
+    path: Path
+    step: int
+    bytes: int
+    seconds: float  # from the step boundary that started the save to the manifest
+    async_save: bool
+
+
+@dataclass
+class _Pending:
+    step: int
+    path: Path
+    meta: dict
+    started: float
+    thread: threading.Thread | None = None
+    entries: list[FileEntry] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _snapshot(payload: Any) -> Any:
+    """Deep copy to CPU so training can go on mutating the originals."""
+    if isinstance(payload, torch.Tensor):
+        return payload.detach().to("cpu", copy=True)
+    if isinstance(payload, dict):
+        return {key: _snapshot(value) for key, value in payload.items()}
+    if isinstance(payload, list | tuple):
+        return type(payload)(_snapshot(value) for value in payload)
+    return copy.deepcopy(payload)  # numpy RNG arrays and the like: small
+
+
+class Checkpointer:
+    """Collective, crash-consistent saves of one run's checkpoints under ``root``.
+
+    Every rank constructs it with the same arguments and calls ``save``,
+    ``at_step_boundary`` and ``wait`` at the same points of the loop.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        keep_last: int = 3,
+        async_save: bool = False,
+        on_commit: Callable[[Committed], None] | None = None,
+    ):
+        if keep_last < 2:
+            # The newest checkpoint may still be uploading or be torn by a kill; the one
+            # before it is what a resume falls back to.
+            raise CheckpointError(f"--keep-last must be at least 2, got {keep_last}")
+        self.root = root
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.on_commit = on_commit
+        self.rank = dist.get_rank() if _dist_on() else 0
+        self.world_size = dist.get_world_size() if _dist_on() else 1
+        self._pending: _Pending | None = None
+        # Checkpoints known to be committed and valid, oldest first: resumed-from and
+        # those this process committed. Retention counts only these.
+        self._committed: list[Path] = []
+
+    # --- resume -------------------------------------------------------------------
+
+    def resume_point(self, explicit: Path | None = None) -> Checkpoint | None:
+        """The checkpoint to resume from, identical on every rank.
+
+        ``explicit`` must verify or CheckpointError is raised; otherwise the newest valid
+        one is taken, skipping (with a warning) any that are incomplete or corrupt.
+        """
+        chosen: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                ckpt = load_checkpoint(explicit) if explicit else latest_valid(self.root)
+                chosen[0] = str(ckpt.path) if ckpt else None
+            except CheckpointError as err:
+                chosen[0] = err
+        if _dist_on():
+            dist.broadcast_object_list(chosen, src=0)
+        if isinstance(chosen[0], CheckpointError):
+            raise chosen[0]
+        if chosen[0] is None:
+            return None
+        path = Path(chosen[0])
+        manifest = json.loads((path / MANIFEST).read_text())
+        ckpt = Checkpoint(path, int(_DIR_RE.match(path.name)["step"]), manifest)
+        self._committed = [path]
+        return ckpt
+
+    # --- save ---------------------------------------------------------------------
+
+    def save(self, step: int, files: dict[str, Any], meta: dict) -> None:
+        """Collective save of this rank's ``files`` (name -> payload) at ``step``.
+
+        Rank-specific names must differ between ranks (``rng-rank1.pt``); shared state
+        is passed by rank 0 only. ``meta`` (rank 0's) goes into the manifest.
+        """
+        started = time.monotonic()
+        self.wait()  # at most one save in flight
+        path = self._fresh_dir(step)
+        pending = _Pending(step, path, meta, started)
+        if self.async_save:
+            snapshot = {name: _snapshot(payload) for name, payload in files.items()}
+            pending.thread = threading.Thread(
+                target=self._write, args=(pending, snapshot), name="skyspot-ckpt", daemon=True
+            )
+            self._pending = pending
+            pending.thread.start()
+        else:
+            self._write(pending, files)
+            self._pending = pending
+            self._commit()
+
+    def at_step_boundary(self, *flags: bool) -> tuple[bool, ...]:
+        """Agree on ``flags`` across ranks (any rank True -> True on all) in one all-reduce,
+        and commit an async save once every rank has finished writing it."""
+        busy = self._pending is not None and self._pending.thread is not None and (
+            self._pending.thread.is_alive()
+        )
+        values = [float(bool(flag)) for flag in flags] + [float(busy)]
+        if _dist_on():
+            tensor = torch.tensor(values, dtype=torch.float32)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            values = tensor.tolist()
+        if self._pending is not None and not values[-1]:
+            self._commit()
+        return tuple(bool(value) for value in values[:-1])
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is written on every rank and committed."""
+        if self._pending is None:
+            return
+        if self._pending.thread is not None:
+            self._pending.thread.join()
+        self._commit()
+
+    def _fresh_dir(self, step: int) -> Path:
+        name: list[Any] = [None]
+        if self.rank == 0:
+            retry = 0
+            while True:
+                candidate = f"step-{step:08d}" + (f".r{retry}" if retry else "")
+                if not (self.root / candidate).exists():
+                    break
+                retry += 1
+            (self.root / candidate).mkdir(parents=True)
+            name[0] = candidate
+        if _dist_on():
+            dist.broadcast_object_list(name, src=0)
+        return self.root / name[0]
+
+    def _write(self, pending: _Pending, files: dict[str, Any]) -> None:
+        try:
+            pending.path.mkdir(parents=True, exist_ok=True)
+            pending.entries = [write_file(pending.path, n, p) for n, p in files.items()]
+        except BaseException as err:  # reported on the main thread by _commit
+            pending.error = err
+
+    def _commit(self) -> None:
+        """Collective: gather every rank's entries, write the manifest, apply retention."""
+        pending, self._pending = self._pending, None
+        if pending.thread is not None:
+            pending.thread.join()  # already finished on this rank; join publishes its results
+        failed = [pending.error is not None]
+        if _dist_on():
+            everyone: list[Any] = [None] * self.world_size
+            dist.all_gather_object(everyone, (pending.entries, repr(pending.error)))
+            failed = [err != "None" for _, err in everyone]
+            entries = [entry for rank_entries, _ in everyone for entry in rank_entries]
+        else:
+            entries = pending.entries
+        if any(failed):
+            # Nothing is committed: the directory has no manifest and will never verify.
+            raise CheckpointError(
+                f"writing checkpoint {pending.path} failed: {pending.error or 'on another rank'}"
+            )
+        if self.rank == 0:
+            manifest = {
+                "format": FORMAT,
+                "step": pending.step,
+                "world_size": self.world_size,
+                "files": [vars(entry) for entry in entries],
+                "versions": versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "meta": pending.meta,
+            }
+            write_file(pending.path, MANIFEST, json.dumps(manifest, indent=1).encode())
+        self._committed.append(pending.path)
+        if self.rank == 0:
+            self._apply_retention()
+            if self.on_commit is not None:
+                self.on_commit(
+                    Committed(
+                        path=pending.path,
+                        step=pending.step,
+                        bytes=sum(entry.size for entry in entries),
+                        seconds=time.monotonic() - pending.started,
+                        async_save=pending.thread is not None,
+                    )
+                )
+        if _dist_on():
+            dist.barrier()  # no rank runs ahead of a commit it may need to resume from
+
+    def _apply_retention(self) -> None:
+        """Delete every checkpoint directory older than the keep_last-th newest committed."""
+        keep = sorted(self._committed, key=_order)[-self.keep_last :]
+        self._committed = keep
+        if len(keep) < self.keep_last:
+            return
+        oldest_kept = _order(keep[0])
+        for step, retry, path in step_dirs(self.root):
+            if (step, retry) < oldest_kept:
+                _delete(path)
+
+
+def _order(path: Path) -> tuple[int, int]:
+    match = _DIR_RE.match(path.name)
+    return int(match["step"]), int(match["retry"] or 0)
+
+
+def _delete(path: Path) -> None:
+    # Manifest first: a delete interrupted halfway leaves a directory that never verifies.
+    (path / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""Resume is bit-exact: SIGKILL at random instants (one mid-checkpoint) or SIGTERM, with 1
+process and with 2 real gloo ranks, ends with the same model.safetensors as an
+uninterrupted run, compared tensor by tensor with torch.equal."""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+from trainer import (
+    assert_bit_identical,
+    command,
+    env_for,
+    kill_tree,
+    last_step,
+    lm_args,
+    read_events,
+    start,
+    wait_until,
+    weights,
+)
+
+from skyspot import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+
+
+def _finish(assets, root, ranks, attempt, **flags) -> list[dict]:
+    """Run to completion; return that attempt's events."""
+    events = root / f"events-{attempt}.jsonl"
+    proc = start(command(lm_args(assets, root / "ckpt", **flags), ranks), env_for(events),
+                 root / "log.txt")
+    assert proc.wait(timeout=600) == 0, (root / "log.txt").read_text()[-3000:]
+    return read_events(events)
+
+
+@pytest.fixture(scope="module")
+def baselines(tiny_assets, tmp_path_factory):
+    """Uninterrupted runs, computed once per world size."""
+    cache = {}
+
+    def get(ranks: int):
+        if ranks not in cache:
+            root = tmp_path_factory.mktemp(f"baseline{ranks}")
+            events = _finish(tiny_assets, root, ranks, 0)
+            assert [e["world_size"] for e in events if e["event"] == "start"] == [ranks]
+            cache[ranks] = weights(root / "ckpt" / "t" / "final")
+        return cache[ranks]
+
+    return get
+
+
+def _torn_checkpoint(run_dir):
+    """A step directory with files in it but no manifest: a save in progress."""
+    if not run_dir.is_dir():
+        return None
+    for d in run_dir.glob("step-*"):
+        if any(f.name != "manifest.json" for f in d.iterdir()) and not (d / "manifest.json").exists():
+            return d
+    return None
+
+
+@pytest.mark.parametrize(
+    "ranks,async_save,seed",
+    [(1, False, 11), (1, True, 12), (2, True, 13)],
+    ids=["1proc-sync", "1proc-async", "2ranks-async"],
+)
+def test_resume_is_bit_exact_after_sigkill_at_random_instants(
+    tiny_assets, tmp_path, baselines, ranks, async_save, seed
+):
+    rng = random.Random(seed)
+    # Two random optimizer steps plus one strike in the middle of a checkpoint write.
+    plan = sorted(rng.sample(range(3, 22), 2))
+    plan.insert(rng.randrange(3), "mid-checkpoint")
+    run_dir = tmp_path / "ckpt" / "t"
+    torn = []
+    for attempt, target in enumerate(plan):
+        events = tmp_path / f"events-{attempt}.jsonl"
+        slow = {"SKYSPOT_FAULT_WRITE_DELAY_S": "0.4"} if target == "mid-checkpoint" else {}
+        flags = {"async_checkpoint": async_save}
+        proc = start(command(lm_args(tiny_assets, tmp_path / "ckpt", **flags), ranks),
+                     env_for(events, **slow), tmp_path / "log.txt")
+        if target == "mid-checkpoint":
+            reached = wait_until(lambda: _torn_checkpoint(run_dir) is not None, proc)
+        else:
+            reached = wait_until(lambda t=target: last_step(read_events(events)) >= t, proc)
+        assert reached, f"attempt {attempt} ended before {target}"
+        kill_tree(proc, signal.SIGKILL)
+        proc.wait()
+        if target == "mid-checkpoint":
+            torn.append(_torn_checkpoint(run_dir))
+    assert torn and torn[0] is not None
+
+    final = _finish(tiny_assets, tmp_path, ranks, len(plan), async_checkpoint=async_save)
+    resumed = [e for e in final if e["event"] == "resumed"]
+    assert resumed and resumed[0]["step"] > 0, "the last attempt restarted from step 0"
+    assert [e["world_size"] for e in final if e["event"] == "start"] == [ranks]
+    assert_bit_identical(weights(run_dir / "final"), baselines(ranks))
+
+
+@pytest.mark.parametrize("ranks", [1, 2], ids=["1proc", "2ranks"])
+def test_sigterm_exits_143_through_the_wrapper_and_loses_no_steps(
+    tiny_assets, tmp_path, baselines, ranks
+):
+    events = tmp_path / "events-0.jsonl"
+    cmd = command(lm_args(tiny_assets, tmp_path / "ckpt"), ranks, wrapper=True)
+    proc = start(cmd, env_for(events), tmp_path / "log.txt")
+    assert wait_until(lambda: last_step(read_events(events)) >= 6, proc)
+    kill_tree(proc, signal.SIGTERM)  # every process of the node, as a VM shutdown does
+    grace_s = 30
+    assert proc.wait(timeout=grace_s) == PREEMPTED_EXIT_CODE, (tmp_path / "log.txt").read_text()
+    before = read_events(events)
+    saved = [e for e in before if e["event"] == "checkpoint"][-1]["step"]
+    assert saved == last_step(before), "the preemption save is not at the last step run"
+    assert [e["event"] for e in before][-2:] == ["preemption", "exit"]
+
+    after = _finish(tiny_assets, tmp_path, ranks, 1)
+    assert [e["step"] for e in after if e["event"] == "resumed"] == [saved]  # zero steps lost
+    assert_bit_identical(weights(tmp_path / "ckpt" / "t" / "final"), baselines(ranks))
+
+
+def test_a_real_failure_is_not_reported_as_a_preemption(tiny_assets, tmp_path):
+    cmd = command(lm_args(tiny_assets, tmp_path / "ckpt", dataset=tmp_path / "missing"), 2,
+                  wrapper=True)
+    proc = start(cmd, env_for(tmp_path / "events.jsonl"), tmp_path / "log.txt")
+    code = proc.wait(timeout=300)
+    assert code not in (0, PREEMPTED_EXIT_CODE)
+    assert "no such file or directory" in (tmp_path / "log.txt").read_text()
