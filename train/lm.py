@@ -307,10 +307,11 @@ def train(cfg: Config) -> int:
         meta = resume.meta
         if resume.manifest["world_size"] != world or meta["global_batch"] != global_batch:
             raise CheckpointError(
-                f"checkpoint {resume.path} was written by {resume.manifest['world_size']} "
-                f"processes (global batch {meta['global_batch']}); this run has {world} "
-                f"(global batch {global_batch}). Elastic resume is not supported yet: relaunch "
-                "with the same number of processes, or start a new --run-name")
+                f"checkpoint {resume.path} was written with world size "
+                f"{resume.manifest['world_size']} (global batch {meta['global_batch']}); this run "
+                f"has world size {world} (global batch {global_batch}). Elastic resume is not "
+                "supported yet: relaunch with the same number of processes, or use a new "
+                "--run-name")
         accelerator.unwrap_model(model).load_state_dict(resume.load("model.pt"))
         optimizer.load_state_dict(resume.load("optimizer.pt"))
         scheduler.load_state_dict(resume.load("scheduler.pt"))
