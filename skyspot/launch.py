@@ -1,8 +1,9 @@
 """Run a launcher (``accelerate launch``, ``torchrun``) and hand SkyPilot the right exit code.
 
-Guarantee: this process exits 143 if and only if the trainer committed a preemption save
-(it writes the file named by ``SKYSPOT_EXIT_MARKER`` after the commit); otherwise it
-exits with the launcher's own code (128+N if a signal N killed it).
+Guarantee: this process exits 143 when the trainer committed a preemption save (it writes
+the file named by ``SKYSPOT_EXIT_MARKER`` after the commit); otherwise it exits with the
+launcher's own code, 128+N if signal N killed it. (So a launcher killed by SIGTERM before
+any save also reads 143: the job was terminated, not broken, and recovery is right.)
 
 Why it exists: ``accelerate launch`` and ``torchrun`` turn a child's exit 143 into 1, and
 SkyPilot sees only the exit code of ``run:``. A recipe lists 143 in

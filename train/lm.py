@@ -295,7 +295,7 @@ def train(cfg: Config) -> int:
         log.info("checkpoint step %d: %.1f MB in %.2fs%s -> %s", saved.step, saved.bytes / 1e6,
                  saved.seconds, " (async)" if saved.async_save else "", saved.path)
         events.emit("checkpoint", step=saved.step, path=str(saved.path), seconds=saved.seconds,
-                    bytes=saved.bytes, async_save=saved.async_save)
+                    bytes=saved.bytes, **{"async": saved.async_save})
 
     checkpointer = Checkpointer(run_dir, keep_last=cfg.keep_last,
                                 async_save=cfg.async_checkpoint, on_commit=on_commit)
