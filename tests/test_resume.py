@@ -131,3 +131,25 @@ def test_a_real_failure_is_not_reported_as_a_preemption(tiny_assets, tmp_path):
     code = proc.wait(timeout=300)
     assert code not in (0, PREEMPTED_EXIT_CODE)
     assert "no such file or directory" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_cloud_preemption_notice_saves_and_exits_143(tiny_assets, tmp_path, cloud):
+    from test_preemption import FakeMetadata
+
+    fake = FakeMetadata()
+    try:
+        events = tmp_path / "events.jsonl"
+        env = env_for(events, SKYSPOT_METADATA_URL=fake.url,
+                      SKYPILOT_CLUSTER_INFO=f'{{"cloud": "{cloud.upper()}"}}')
+        args = lm_args(tiny_assets, tmp_path / "ckpt", notice_poll_seconds=0.2)
+        proc = start(command(args), env, tmp_path / "log.txt")
+        assert wait_until(lambda: last_step(read_events(events)) >= 5, proc)
+        fake.notice = True  # the cloud announces the preemption; no signal is sent
+        assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    finally:
+        fake.close()
+    seen = read_events(events)
+    (notice,) = [e for e in seen if e["event"] == "preemption"]
+    assert notice["reason"] == f"notice:{cloud}" and notice["notice"]
+    assert [e for e in seen if e["event"] == "checkpoint"][-1]["step"] == last_step(seen)
