@@ -47,6 +47,7 @@ import torch.distributed as dist
 import xxhash
 
 import skyspot
+from skyspot.durability import view_for
 
 log = logging.getLogger("skyspot.checkpoint")
 
@@ -212,6 +213,8 @@ class Committed:
     bytes: int
     seconds: float  # from the step boundary that started the save to the manifest
     async_save: bool
+    durable_step: int | None  # newest step whose every file is in the bucket itself
+    durability: str  # how that is known: "on close" or "bucket listing"
 
 
 @dataclass
@@ -266,9 +269,11 @@ class Checkpointer:
         self.rank = dist.get_rank() if _dist_on() else 0
         self.world_size = dist.get_world_size() if _dist_on() else 1
         self._pending: _Pending | None = None
-        # Checkpoints known to be committed and valid, oldest first: resumed-from and
-        # those this process committed. Retention counts only these.
-        self._committed: list[Path] = []
+        # Checkpoints known to be committed and valid: the resumed-from one and those this
+        # process committed, each with {file name: size} including the manifest. Retention
+        # counts only these, and only once the bucket itself holds them.
+        self._committed: dict[Path, dict[str, int]] = {}
+        self.durability = view_for(root) if self.rank == 0 else None
 
     # --- resume -------------------------------------------------------------------
 
@@ -294,7 +299,8 @@ class Checkpointer:
         path = Path(chosen[0])
         manifest = json.loads((path / MANIFEST).read_text())
         ckpt = Checkpoint(path, int(_DIR_RE.match(path.name)["step"]), manifest)
-        self._committed = [path]
+        files = {entry["path"]: entry["size"] for entry in manifest["files"]}
+        self._committed = {path: {**files, MANIFEST: (path / MANIFEST).stat().st_size}}
         return ckpt
 
     # --- save ---------------------------------------------------------------------
@@ -394,10 +400,10 @@ class Checkpointer:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "meta": pending.meta,
             }
-            write_file(pending.path, MANIFEST, json.dumps(manifest, indent=1).encode())
-        self._committed.append(pending.path)
-        if self.rank == 0:
-            self._apply_retention()
+            written = write_file(pending.path, MANIFEST, json.dumps(manifest, indent=1).encode())
+            self._committed[pending.path] = {
+                **{entry.path: entry.size for entry in entries}, MANIFEST: written.size}
+            durable_step = self._apply_retention()
             if self.on_commit is not None:
                 self.on_commit(
                     Committed(
@@ -406,21 +412,43 @@ class Checkpointer:
                         bytes=sum(entry.size for entry in entries),
                         seconds=time.monotonic() - pending.started,
                         async_save=pending.thread is not None,
+                        durable_step=durable_step,
+                        durability=self.durability.kind,
                     )
                 )
         if _dist_on():
             dist.barrier()  # no rank runs ahead of a commit it may need to resume from
 
-    def _apply_retention(self) -> None:
-        """Delete every checkpoint directory older than the keep_last-th newest committed."""
-        keep = sorted(self._committed, key=_order)[-self.keep_last :]
-        self._committed = keep
-        if len(keep) < self.keep_last:
-            return
-        oldest_kept = _order(keep[0])
-        for step, retry, path in step_dirs(self.root):
-            if (step, retry) < oldest_kept:
-                _delete(path)
+    def _apply_retention(self) -> int | None:
+        """Keep the keep_last newest checkpoints that are in the bucket itself, and every
+        newer one; delete all older checkpoint directories. Returns the newest durable step.
+
+        Counting only durable checkpoints matters on MOUNT_CACHED: uploads can lag several
+        checkpoints behind, and deleting on local close can leave the bucket with nothing
+        complete after a lost VM."""
+        durable = sorted((p for p, ok in self.durability.in_bucket(self._committed).items() if ok),
+                         key=_order)
+        if len(durable) >= self.keep_last:
+            oldest_kept = _order(durable[-self.keep_last])
+            for step, retry, path in step_dirs(self.root):
+                if (step, retry) < oldest_kept:
+                    _delete(path)
+                    self._committed.pop(path, None)
+        return _order(durable[-1])[0] if durable else None
+
+    def wait_durable(self, timeout_s: float) -> int | None:
+        """Rank 0: wait until the newest committed checkpoint is in the bucket (or timeout);
+        return the newest durable step. A preemption exit uses it to spend its grace on
+        the upload rather than leave the checkpoint in a cache that dies with the VM."""
+        if self.rank != 0 or not self._committed:
+            return None
+        newest = max(self._committed, key=_order)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            durable = [p for p, ok in self.durability.in_bucket(self._committed).items() if ok]
+            if newest in durable or time.monotonic() >= deadline:
+                return _order(max(durable, key=_order))[0] if durable else None
+            time.sleep(0.5)
 
 
 def _order(path: Path) -> tuple[int, int]:

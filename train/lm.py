@@ -79,6 +79,9 @@ class Config:
     async_checkpoint: bool = field(default=False, metadata={"help": "write on a background thread"})
     run_name: str = field(default="", metadata={"help": "default: from SKYPILOT_MANAGED_JOB_ID"})
     resume_from: str = field(default="", metadata={"help": "a step-N dir; default: newest valid"})
+    durable_wait_seconds: float = field(
+        default=120.0, metadata={"help": "at exit, wait this long for the last checkpoint to "
+                                 "reach the bucket (MOUNT_CACHED uploads after close)"})
     # output and logging
     output_dir: str = field(default="", metadata={"help": "default: <checkpoint-dir>/<run>/final"})
     log_every: int = field(default=10, metadata={"help": "optimizer steps between log lines"})
@@ -292,10 +295,15 @@ def train(cfg: Config) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def on_commit(saved: Committed) -> None:
-        log.info("checkpoint step %d: %.1f MB in %.2fs%s -> %s", saved.step, saved.bytes / 1e6,
-                 saved.seconds, " (async)" if saved.async_save else "", saved.path)
+        # How far the bucket lags what this node wrote (MOUNT_CACHED uploads after close).
+        lag = saved.step - saved.durable_step if saved.durable_step is not None else None
+        log.info("checkpoint step %d: %.1f MB in %.2fs%s -> %s; in the bucket (%s): %s",
+                 saved.step, saved.bytes / 1e6, saved.seconds,
+                 " (async)" if saved.async_save else "", saved.path, saved.durability,
+                 f"step {saved.durable_step} ({lag} steps behind)" if lag is not None else "none")
         events.emit("checkpoint", step=saved.step, path=str(saved.path), seconds=saved.seconds,
-                    bytes=saved.bytes, **{"async": saved.async_save})
+                    bytes=saved.bytes, durable_step=saved.durable_step, lag_steps=lag,
+                    **{"async": saved.async_save})
 
     checkpointer = Checkpointer(run_dir, keep_last=cfg.keep_last,
                                 async_save=cfg.async_checkpoint, on_commit=on_commit)
@@ -392,17 +400,19 @@ def train(cfg: Config) -> int:
             last_save = time.monotonic()
         if preempted:
             checkpointer.wait()
+            mark_preempted()  # committed: from here on the job must read as preempted
             events.emit("preemption", reason=preemption.reason or "peer rank", step=step,
                         notice=preemption.notice_detail)
-            events.emit("exit", code=PREEMPTED_EXIT_CODE, step=step)
+            durable = checkpointer.wait_durable(cfg.durable_wait_seconds)
+            events.emit("exit", code=PREEMPTED_EXIT_CODE, step=step, durable_step=durable)
             events.close()
-            mark_preempted()
             log.info("preempted (%s): checkpoint at step %d committed; exiting %d",
                      preemption.reason or "peer rank", step, PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE
 
     # --- save ----------------------------------------------------------------------
     checkpointer.wait()
+    durable = checkpointer.wait_durable(cfg.durable_wait_seconds)
     if progress is not None:
         progress.close()
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "final"
@@ -412,7 +422,7 @@ def train(cfg: Config) -> int:
             output_dir, state_dict=accelerator.get_state_dict(model), safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         log.info("saved the final model and tokenizer to %s", output_dir)
-    events.emit("exit", code=0, step=step, output_dir=str(output_dir))
+    events.emit("exit", code=0, step=step, output_dir=str(output_dir), durable_step=durable)
     events.close()
     preemption.close()
     accelerator.end_training()
