@@ -55,6 +55,7 @@ MANIFEST = "manifest.json"
 FORMAT = "skyspot-checkpoint/1"
 _DIR_RE = re.compile(r"^step-(?P<step>\d{8})(?:\.r(?P<retry>\d+))?$")
 _CHUNK = 8 << 20  # bytes per write call: big enough for throughput, small enough to hash in cache
+_LIST_GRACE_S = 15.0  # seconds: > SkyPilot's --dir-cache-time 10s on MOUNT_CACHED mounts
 # Fault injection for rehearsals and tests: seconds to sleep after each checkpoint file is
 # written, so a kill can land mid-checkpoint on purpose. Never set in production.
 WRITE_DELAY_ENV = "SKYSPOT_FAULT_WRITE_DELAY_S"
@@ -84,6 +85,11 @@ class Checkpoint:
     def load(self, name: str) -> Any:
         """Load one file of this checkpoint: tensors from .safetensors, else torch.load."""
         file = self.path / name
+        # Another node's mount lists files written elsewhere only after its directory cache
+        # expires (rclone: --dir-cache-time 10s); rank 0 has verified the file exists.
+        deadline = time.monotonic() + _LIST_GRACE_S
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
         if name.endswith(".safetensors"):
             return safetensors.torch.load_file(file)
         # weights_only=False: RNG states hold numpy arrays; the file's checksum was verified.
@@ -283,24 +289,23 @@ class Checkpointer:
         ``explicit`` must verify or CheckpointError is raised; otherwise the newest valid
         one is taken, skipping (with a warning) any that are incomplete or corrupt.
         """
+        # Rank 0 chooses and sends the whole choice, manifest included: on another node's
+        # mount the files rank 0 verified may not be listed yet (rclone's dir cache).
         chosen: list[Any] = [None]
         if self.rank == 0:
             try:
-                ckpt = load_checkpoint(explicit) if explicit else latest_valid(self.root)
-                chosen[0] = str(ckpt.path) if ckpt else None
+                chosen[0] = load_checkpoint(explicit) if explicit else latest_valid(self.root)
             except CheckpointError as err:
                 chosen[0] = err
         if _dist_on():
             dist.broadcast_object_list(chosen, src=0)
         if isinstance(chosen[0], CheckpointError):
             raise chosen[0]
-        if chosen[0] is None:
-            return None
-        path = Path(chosen[0])
-        manifest = json.loads((path / MANIFEST).read_text())
-        ckpt = Checkpoint(path, int(_DIR_RE.match(path.name)["step"]), manifest)
-        files = {entry["path"]: entry["size"] for entry in manifest["files"]}
-        self._committed = {path: {**files, MANIFEST: (path / MANIFEST).stat().st_size}}
+        ckpt: Checkpoint | None = chosen[0]
+        if ckpt is not None and self.rank == 0:  # retention runs on rank 0 only
+            files = {entry["path"]: entry["size"] for entry in ckpt.manifest["files"]}
+            manifest_size = (ckpt.path / MANIFEST).stat().st_size
+            self._committed = {ckpt.path: {**files, MANIFEST: manifest_size}}
         return ckpt
 
     # --- save ---------------------------------------------------------------------
