@@ -438,6 +438,7 @@ class Checkpointer:
             for step, retry, path in step_dirs(self.root):
                 if (step, retry) < oldest_kept:
                     _delete(path)
+                    self.durability.purge(path)
                     self._committed.pop(path, None)
         return _order(durable[-1])[0] if durable else None
 
