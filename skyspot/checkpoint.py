@@ -182,6 +182,11 @@ def latest_valid(root: Path) -> Checkpoint | None:
         manifest, reason = verify(path)
         if manifest is not None:
             return Checkpoint(path, step, manifest)
+        if not any(path.iterdir()):
+            # An empty directory holds nothing to lose: a save killed before its first
+            # file, or a deleted checkpoint whose "directory" a bucket listing still shows.
+            log.debug("skipping empty checkpoint directory %s", path)
+            continue
         log.warning("skipping checkpoint %s: %s", path, reason)
     return None
 
@@ -438,7 +443,6 @@ class Checkpointer:
             for step, retry, path in step_dirs(self.root):
                 if (step, retry) < oldest_kept:
                     _delete(path)
-                    self.durability.purge(path)
                     self._committed.pop(path, None)
         return _order(durable[-1])[0] if durable else None
 

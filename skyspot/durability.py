@@ -74,9 +74,6 @@ class LocalView:
     def in_bucket(self, checkpoints: dict[Path, dict[str, int]]) -> dict[Path, bool]:
         return {path: True for path in checkpoints}
 
-    def purge(self, directory: Path) -> None:
-        """Nothing to do: deleting through the filesystem deleted everything."""
-
 
 class RcloneRemoteView:
     """Durability read from the remote behind an rclone mount, bypassing its VFS cache."""
@@ -107,12 +104,6 @@ class RcloneRemoteView:
                 log.warning("cannot list %s in the bucket (%s); keeping every checkpoint",
                             directory, str(detail).strip().splitlines()[-1:] or err)
             return None
-
-    def purge(self, directory: Path) -> None:
-        """Delete what is left of ``directory`` in the bucket: files other nodes wrote that
-        this node's mount did not list yet (its directory cache) survive a local rmtree."""
-        subprocess.run([self.rclone, "purge", self.remote_path(directory)],
-                       capture_output=True, timeout=_LIST_TIMEOUT_S, check=False)
 
     def in_bucket(self, checkpoints: dict[Path, dict[str, int]]) -> dict[Path, bool]:
         if not checkpoints:
