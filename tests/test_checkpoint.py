@@ -160,3 +160,11 @@ def test_async_save_snapshots_state_at_the_step_boundary(tmp_path):
     weights.add_(1.0)  # training goes on mutating the live tensor
     ckpt.wait()
     assert torch.equal(latest_valid(tmp_path).load("model.pt")["w"], torch.zeros(1000))
+
+
+def test_an_empty_step_directory_is_skipped_without_a_warning(tmp_path, caplog):
+    _save_steps(tmp_path, [10])
+    (tmp_path / "step-00000020").mkdir()  # a save killed before its first file
+    with caplog.at_level(logging.WARNING, logger="skyspot.checkpoint"):
+        assert latest_valid(tmp_path).step == 10
+    assert not caplog.records
