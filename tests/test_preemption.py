@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -21,9 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,113 +28,22 @@ import pytest
 from skyspot.preemption import DEFAULT_METADATA_URL, METADATA_URL_ENV, Preemption, poll_once
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))  # tools/ is not a package
+from metadata_server import (  # noqa: E402
+    AWS_ACTION_PATH,
+    AZURE_EVENT,
+    AZURE_EVENTS_PATH,
+    GCP_PREEMPTED_PATH,
+    FakeMetadata,
+)
+
 CLOUDS = ["aws", "gcp", "azure"]
 
-AWS_ACTION_PATH = "/latest/meta-data/spot/instance-action"
-GCP_PREEMPTED_PATH = "/computeMetadata/v1/instance/preempted"
-AZURE_EVENTS_PATH = "/metadata/scheduledevents"
-AZURE_EVENT = {
-    "EventId": "602d9444-d2cd-49c7-8624-8643e7171297",
-    "EventType": "Preempt",
-    "ResourceType": "VirtualMachine",
-    "Resources": ["sky-1234-head"],
-    "EventStatus": "Scheduled",
-    "NotBefore": "Mon, 19 Sep 2016 18:29:47 GMT",
-    "Description": "",
-    "EventSource": "Platform",
-    "DurationInSeconds": -1,
-}
 EXPECTED_DETAIL = {
     "aws": {"action": "terminate", "time": "2026-11-24T08:22:00Z"},
     "gcp": {"preempted": "TRUE"},
     "azure": {**AZURE_EVENT, "DocumentIncarnation": 2},
 }
-
-
-class FakeMetadata:
-    """One loopback HTTP server speaking all three clouds' metadata protocols."""
-
-    def __init__(self) -> None:
-        self.notice = False  # flip to True to announce the preemption
-        self.broken = False  # True: every request gets HTTP 500
-        self.aws_action = "terminate"
-        self.azure_event_type = "Preempt"
-        self.gcp_flavor_header = True
-        self.tokens: set[str] = set()
-        self.token_puts = 0
-        self.gets: Counter[str] = Counter()  # cloud -> notice GETs answered
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHandler)
-        self.server.fake = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-class _FakeHandler(BaseHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
-        pass
-
-    def _send(self, status: int, body: str = "", headers: dict[str, str] | None = None) -> None:
-        data = body.encode()
-        self.send_response(status)
-        for name, value in (headers or {"Content-Type": "text/plain"}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_PUT(self) -> None:
-        fake: FakeMetadata = self.server.fake  # type: ignore[attr-defined]
-        if fake.broken:
-            return self._send(500)
-        if self.path != "/latest/api/token":
-            return self._send(404)
-        # IMDSv2: the TTL header is required and must be 1..21600 seconds.
-        ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
-        if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
-            return self._send(400)
-        token = secrets.token_urlsafe(24)
-        fake.tokens.add(token)
-        fake.token_puts += 1
-        self._send(200, token)
-
-    def do_GET(self) -> None:
-        fake: FakeMetadata = self.server.fake  # type: ignore[attr-defined]
-        if fake.broken:
-            return self._send(500)
-        path, _, query = self.path.partition("?")
-        if path == AWS_ACTION_PATH:
-            if self.headers.get("X-aws-ec2-metadata-token") not in fake.tokens:
-                return self._send(401)
-            fake.gets["aws"] += 1
-            if not fake.notice:
-                return self._send(404)
-            action = {"action": fake.aws_action, "time": "2026-11-24T08:22:00Z"}
-            return self._send(200, json.dumps(action))
-        if path == GCP_PREEMPTED_PATH:
-            flavor = {"Metadata-Flavor": "Google"} if fake.gcp_flavor_header else {}
-            if self.headers.get("Metadata-Flavor") != "Google":
-                return self._send(403, headers=flavor)
-            fake.gets["gcp"] += 1
-            return self._send(200, "TRUE" if fake.notice else "FALSE", flavor)
-        if path == AZURE_EVENTS_PATH:
-            if self.headers.get("Metadata") != "true" or "api-version=" not in query:
-                return self._send(400)
-            fake.gets["azure"] += 1
-            events = [{**AZURE_EVENT, "EventType": fake.azure_event_type}] if fake.notice else []
-            doc = {"DocumentIncarnation": 2 if fake.notice else 1, "Events": events}
-            return self._send(200, json.dumps(doc), {"Content-Type": "application/json"})
-        self._send(404)
 
 
 @pytest.fixture

@@ -31,7 +31,8 @@ def _rehearse(tmp_path, assets, *extra, name="run", **envs):
 
 
 def _final(workdir):
-    (final,) = workdir.glob("buckets/ckpt/*/final")
+    # The bucket's objects: the local S3 store's data dir (FUSE), or plain dirs without FUSE.
+    (final,) = [*workdir.glob("store/data/ckpt/*/final"), *workdir.glob("buckets/ckpt/*/final")]
     return weights(final)
 
 

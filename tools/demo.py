@@ -5,8 +5,12 @@
 1. Builds offline tiny assets (a small Llama, its tokenizer, stdlib docstrings as text).
 2. Rehearses recipes/train-lm-spot.yaml on CPU through tools/rehearse.py: SkyPilot's own
    parser, the recipe's own run: (exit-code wrapper + accelerate launch + train/lm.py), one
-   SIGTERM preemption with grace and one SIGKILL preemption, relaunched as a managed job.
-3. Runs the same job uninterrupted.
+   SIGTERM preemption with grace and one SIGKILL preemption (the VM lost, with whatever its
+   MOUNT_CACHED bucket mount had not uploaded yet), relaunched as a managed job. With FUSE the
+   checkpoint bucket is a real local S3 server mounted with SkyPilot's MOUNT_CACHED rclone
+   flags, uploads capped at BWLIMIT so the bucket visibly lags the trainer; without FUSE
+   rehearse falls back to a plain directory and says so.
+3. Runs the same job uninterrupted (no upload cap: only the final model matters).
 4. Compares the two final model.safetensors tensor by tensor and says whether they are
    bit-identical; exits 1 if not.
 """
@@ -14,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -42,13 +47,16 @@ JOB_ENVS = {
     "LOG_EVERY": "10",
     "NOTICE_POLL_SECONDS": "0",
 }
-# SIGTERM at step 17 (saves at 17, loses nothing), SIGKILL at step 33 (loses the steps
-# since the last periodic checkpoint).
+# SIGTERM at step 17 (saves at 18 and waits for the bucket, loses nothing), SIGKILL at step 33
+# (loses the steps since the newest checkpoint the bucket holds whole).
 PREEMPTIONS = "step:17:term,step:33:kill"
+# Upload cap per bucket mount: a ~15 MB checkpoint takes ~2 s to reach the bucket, while the
+# trainer saves one every ~1 s, so the bucket lags a few checkpoints behind.
+BWLIMIT = "8M"
 
 
 def rehearse(workdir: Path, assets: Path, preempt: str | None) -> Path:
-    """Run one rehearsal; return the final model.safetensors it produced."""
+    """Run one rehearsal; return the final model.safetensors it left in the bucket."""
     if workdir.exists():
         shutil.rmtree(workdir)  # the demo's own scratch from a previous `make demo`
     cmd = [sys.executable, "tools/rehearse.py", RECIPE, "--workdir", str(workdir),
@@ -56,10 +64,13 @@ def rehearse(workdir: Path, assets: Path, preempt: str | None) -> Path:
            "--env", f"MODEL={assets / 'model'}", "--env", f"DATASET={assets / 'data'}"]
     cmd += [arg for key, value in JOB_ENVS.items() for arg in ("--env", f"{key}={value}")]
     if preempt:
-        cmd += ["--preempt-at", preempt]
+        cmd += ["--preempt-at", preempt, "--bwlimit", BWLIMIT]
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         sys.exit(f"demo: the rehearsal in {workdir} failed; see its logs/")
-    finals = sorted(workdir.glob("buckets/*/*/final/model.safetensors"))
+    # The bucket's objects, once rehearse is done (a local S3 server's backing directory, or
+    # the plain directory it fell back to).
+    data_dir = Path(json.loads((workdir / "rehearsal.json").read_text())["storage"]["data_dir"])
+    finals = sorted(data_dir.glob("*/*/final/model.safetensors"))
     if len(finals) != 1:
         sys.exit(f"demo: expected one final model.safetensors under {workdir}, found {finals}")
     return finals[0]
