@@ -22,6 +22,10 @@ How, and why each rule exists:
   snapshotted to CPU memory at a step boundary and written on a background thread; at
   most one save is in flight, and it is committed at the first step boundary where
   every rank has finished writing (``at_step_boundary``), or by ``wait()``.
+- A periodic save can ask ``backlog()`` first: while the previous checkpoint is still being
+  written, or is not yet in the bucket itself (MOUNT_CACHED uploads after close), another
+  save would only queue behind it and share its upload bandwidth, so the bucket would fall
+  further behind. Skipping it bounds the lag to about one checkpoint's upload time.
 """
 
 from __future__ import annotations
@@ -164,15 +168,21 @@ def verify(path: Path) -> tuple[dict | None, str | None]:
     return manifest, None
 
 
+def parse_dir_name(name: str) -> tuple[int, int] | None:
+    """(step, retry) of a checkpoint directory name ``step-NNNNNNNN[.rK]``, else None."""
+    match = _DIR_RE.match(name)
+    return (int(match["step"]), int(match["retry"] or 0)) if match else None
+
+
 def step_dirs(root: Path) -> list[tuple[int, int, Path]]:
     """(step, retry, path) of every checkpoint directory under root, newest first."""
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
-        match = _DIR_RE.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match["step"]), int(match["retry"] or 0), child))
+        parsed = parse_dir_name(child.name)
+        if parsed and child.is_dir():
+            found.append((*parsed, child))
     return sorted(found, reverse=True)
 
 
@@ -193,13 +203,13 @@ def latest_valid(root: Path) -> Checkpoint | None:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load one named checkpoint, or raise CheckpointError saying why it can't be used."""
-    match = _DIR_RE.match(path.name)
-    if not match:
+    parsed = parse_dir_name(path.name)
+    if not parsed:
         raise CheckpointError(f"{path} is not a checkpoint directory (expected step-NNNNNNNN)")
     manifest, reason = verify(path)
     if manifest is None:
         raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
-    return Checkpoint(path, int(match["step"]), manifest)
+    return Checkpoint(path, parsed[0], manifest)
 
 
 def versions() -> dict[str, str]:
@@ -284,6 +294,7 @@ class Checkpointer:
         # process committed, each with {file name: size} including the manifest. Retention
         # counts only these, and only once the bucket itself holds them.
         self._committed: dict[Path, dict[str, int]] = {}
+        self._durable: set[Path] = set()  # of those, the ones seen whole in the bucket
         self.durability = view_for(root) if self.rank == 0 else None
 
     # --- resume -------------------------------------------------------------------
@@ -351,6 +362,28 @@ class Checkpointer:
         if self._pending is not None and not values[-1]:
             self._commit()
         return tuple(bool(value) for value in values[:-1])
+
+    def backlog(self) -> str | None:
+        """Collective, right after ``at_step_boundary``: why a periodic save due now would
+        only queue up (the previous one is still being written on some rank, or is not yet
+        whole in the bucket), or None if it can go ahead. Lists the bucket at most once, and
+        only while no checkpoint file is open: a subprocess started while a file is open
+        for writing flushes it early on upload-on-close mounts. When the bucket can't be
+        listed it never skips: a save that may only queue beats no save at all."""
+        if self._pending is not None:  # at_step_boundary saw some rank still writing
+            return f"step {self._pending.step} is still being written"
+        reason: list[Any] = [None]
+        if self.rank == 0 and self._committed:
+            newest = max(self._committed, key=_order)
+            if newest not in self._durable:
+                if self.durability.in_bucket({newest: self._committed[newest]})[newest]:
+                    self._durable.add(newest)
+                elif self.durability.knows():
+                    reason[0] = (f"step {_order(newest)[0]} is not yet in the bucket "
+                                 f"({self.durability.kind})")
+        if _dist_on():
+            dist.broadcast_object_list(reason, src=0)
+        return reason[0]
 
     def wait(self) -> None:
         """Block until the in-flight save (if any) is written on every rank and committed."""
@@ -438,12 +471,14 @@ class Checkpointer:
         complete after a lost VM."""
         durable = sorted((p for p, ok in self.durability.in_bucket(self._committed).items() if ok),
                          key=_order)
+        self._durable = set(durable)
         if len(durable) >= self.keep_last:
             oldest_kept = _order(durable[-self.keep_last])
             for step, retry, path in step_dirs(self.root):
                 if (step, retry) < oldest_kept:
                     _delete(path)
                     self._committed.pop(path, None)
+                    self._durable.discard(path)
         return _order(durable[-1])[0] if durable else None
 
     def wait_durable(self, timeout_s: float) -> int | None:
@@ -456,14 +491,14 @@ class Checkpointer:
         deadline = time.monotonic() + timeout_s
         while True:
             durable = [p for p, ok in self.durability.in_bucket(self._committed).items() if ok]
+            self._durable = set(durable)
             if newest in durable or time.monotonic() >= deadline:
                 return _order(max(durable, key=_order))[0] if durable else None
             time.sleep(0.5)
 
 
 def _order(path: Path) -> tuple[int, int]:
-    match = _DIR_RE.match(path.name)
-    return int(match["step"]), int(match["retry"] or 0)
+    return parse_dir_name(path.name)  # only ever called on directories this module named
 
 
 def _delete(path: Path) -> None:

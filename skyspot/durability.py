@@ -83,6 +83,11 @@ class LocalView:
     def in_bucket(self, checkpoints: dict[Path, dict[str, int]]) -> dict[Path, bool]:
         return {path: True for path in checkpoints}
 
+    def knows(self) -> bool:
+        """Whether the last ``in_bucket`` answer was read, not assumed: False means a
+        checkpoint may be reported missing only because the bucket could not be listed."""
+        return True
+
 
 class RcloneRemoteView:
     """Durability read from the remote behind an rclone mount, bypassing its VFS cache."""
@@ -92,6 +97,7 @@ class RcloneRemoteView:
     def __init__(self, mount: MountInfo, rclone: str):
         self.mount, self.rclone = mount, rclone
         self._warned = False
+        self._listed = True  # the last listing worked
 
     def remote_path(self, path: Path) -> str:
         rel = Path(os.path.realpath(path)).relative_to(self.mount.mount_point)
@@ -105,14 +111,20 @@ class RcloneRemoteView:
                 [self.rclone, "lsjson", "-R", "--files-only", "--no-mimetype", "--no-modtime",
                  self.remote_path(directory)],
                 capture_output=True, text=True, timeout=_LIST_TIMEOUT_S, check=True).stdout
-            return {item["Path"]: int(item["Size"]) for item in json.loads(out or "[]")}
+            listed = {item["Path"]: int(item["Size"]) for item in json.loads(out or "[]")}
+            self._listed = True
+            return listed
         except (OSError, subprocess.SubprocessError, ValueError) as err:
+            self._listed = False
             if not self._warned:  # retention then deletes nothing, which is safe
                 self._warned = True
                 detail = getattr(err, "stderr", "") or err
                 log.warning("cannot list %s in the bucket (%s); keeping every checkpoint",
                             directory, str(detail).strip().splitlines()[-1:] or err)
             return None
+
+    def knows(self) -> bool:
+        return self._listed
 
     def in_bucket(self, checkpoints: dict[Path, dict[str, int]]) -> dict[Path, bool]:
         if not checkpoints:
@@ -151,3 +163,6 @@ class _NeverDurable(LocalView):
 
     def in_bucket(self, checkpoints: dict[Path, dict[str, int]]) -> dict[Path, bool]:
         return {path: False for path in checkpoints}
+
+    def knows(self) -> bool:
+        return False

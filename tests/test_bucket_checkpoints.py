@@ -139,3 +139,14 @@ def test_mount_mode_writes_sequentially_and_is_durable_on_close(store, tmp_path)
     assert [c.durable_step for c in commits] == [1, 2, 3]
     assert complete_in_bucket(store, "run") == [2, 3]
     assert latest_valid(run).step == 3
+
+
+def test_backlog_holds_the_next_save_until_the_previous_is_in_the_bucket(store, tmp_path):
+    mount = _mount(store, tmp_path, "node", bwlimit="1M")
+    ckpt = Checkpointer(mount.mount_point / "run", keep_last=2)
+    ckpt.save(1, _state(1, 2.0), meta={})  # 2 MB at 1 MB/s
+    assert ckpt.backlog() == "step 1 is not yet in the bucket (bucket listing)"
+    assert complete_in_bucket(store, "run") == []  # the S3 API agrees: not there yet
+    assert ckpt.wait_durable(60) == 1
+    assert complete_in_bucket(store, "run") == [1]
+    assert ckpt.backlog() is None

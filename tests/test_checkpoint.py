@@ -168,3 +168,26 @@ def test_an_empty_step_directory_is_skipped_without_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="skyspot.checkpoint"):
         assert latest_valid(tmp_path).step == 10
     assert not caplog.records
+
+
+def test_backlog_skips_only_while_the_previous_save_is_being_written(tmp_path, monkeypatch):
+    # A local disk: durable on close, so only a save still being written holds the next back.
+    monkeypatch.setenv("SKYSPOT_FAULT_WRITE_DELAY_S", "0.3")  # seconds after each file
+    ckpt = Checkpointer(tmp_path, keep_last=2, async_save=True)
+    assert ckpt.backlog() is None  # nothing saved yet
+    ckpt.save(1, _state(1), meta={})
+    ckpt.at_step_boundary()
+    assert ckpt.backlog() == "step 1 is still being written"
+    ckpt.wait()
+    assert ckpt.backlog() is None
+
+
+def test_backlog_never_skips_when_the_bucket_cannot_be_listed(tmp_path):
+    from skyspot.durability import _NeverDurable
+
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    ckpt.durability = _NeverDurable()  # an rclone mount without rclone on PATH
+    ckpt.save(1, _state(1), meta={})
+    assert ckpt.backlog() is None  # unknown is not "still uploading": keep checkpointing
+    ckpt.save(2, _state(2), meta={})
+    assert [s for s, _, _ in step_dirs(tmp_path)] == [2, 1]  # and nothing was deleted
