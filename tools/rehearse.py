@@ -123,9 +123,12 @@ optimizer steps, null where unknown):
                                    reason}] newest first} read after the fault
                      checkpoints   [{step, path, seconds, bytes, async, time, durable_step,
                                    lag_steps}] from node 0's checkpoint events
+                     skipped_checkpoints  [step, ...]: periodic saves the trainer skipped
+                                   because the previous one was not yet in the bucket
                     }]
     totals         {attempts, preemptions: {term, kill, notice}, process_losses,
-                    checkpoints: {count, mean_seconds, mean_bytes, max_lag_steps},
+                    checkpoints: {count, mean_seconds, mean_bytes, max_lag_steps,
+                                  skipped},
                     final_step, steps_executed, steps_lost, goodput, wall_seconds,
                     wall_goodput}
 """
@@ -1050,6 +1053,7 @@ class Attempt:
     steps_lost: int | None = None  # filled once the next attempt reports where it resumed
     bucket: dict | None = None  # the bucket read after this attempt's fault
     checkpoints: list[dict] = field(default_factory=list)
+    skipped_checkpoints: list[int] = field(default_factory=list)  # steps; previous uploading
     step_times: list[tuple[int, float]] = field(default_factory=list)
     step_reached: int | None = None  # highest step/log event: the step:<N> trigger
     checkpoint_reached: int | None = None  # highest checkpoint event: the ckpt:<N> trigger
@@ -1080,6 +1084,8 @@ class Attempt:
                 "lag_steps": event_step(event, "lag_steps"),
             })
             self.checkpoint_reached = max(step, self.checkpoint_reached or step)
+        elif name == "checkpoint_skipped" and step is not None:
+            self.skipped_checkpoints.append(step)
         elif name == "preemption":
             self.preemption_reason = str(event.get("reason"))
         if name in ("step", "log") and step is not None:
@@ -1580,6 +1586,7 @@ def summarize(rehearsal: Rehearsal, status: str, regressions: list[str],
                 "mean_seconds": round(statistics.mean(seconds), 4) if seconds else None,
                 "mean_bytes": round(statistics.mean(sizes)) if sizes else None,
                 "max_lag_steps": max(lags) if lags else None,
+                "skipped": sum(len(a.skipped_checkpoints) for a in attempts),
             },
             "final_step": final_step,
             "steps_executed": executed,
@@ -1648,7 +1655,8 @@ def print_summary(summary: dict, t0: float) -> None:
         f"\nattempts {t['attempts']}, preemptions term={pre['term']} kill={pre['kill']} "
         f"notice={pre['notice']}, process losses {t['process_losses']}, checkpoints "
         f"{ck['count']} (mean {fmt(ck['mean_seconds'], 's')}, {fmt(ck['mean_bytes'], ' bytes')}, "
-        f"bucket lag up to {fmt(ck['max_lag_steps'], ' steps')})"
+        f"bucket lag up to {fmt(ck['max_lag_steps'], ' steps')}, {ck['skipped']} skipped "
+        "while the previous was uploading)"
     )
     print(
         f"final step {fmt(t['final_step'])}, steps executed {t['steps_executed']}, "

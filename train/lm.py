@@ -7,6 +7,8 @@
 What it guarantees:
 - Checkpoints every --checkpoint-every-steps or --checkpoint-every-minutes (whichever comes
   first) into <checkpoint-dir>/<run-name>/step-N, crash-consistently (skyspot.checkpoint).
+  A periodic checkpoint is skipped while the previous one is still being written or is not
+  yet in the bucket, so the bucket stays within about one upload of the trainer.
 - Resumes automatically from the newest checkpoint that verifies.
 - On SIGTERM/SIGINT or a cloud preemption notice, all ranks save at the next optimizer
   step, commit, and exit 143 (skyspot.launch passes that through the launcher).
@@ -27,7 +29,9 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +50,9 @@ from skyspot.launch import mark_preempted  # noqa: E402
 from skyspot.preemption import Preemption  # noqa: E402
 
 log = logging.getLogger("train.lm")
+
+# Consecutive skipped periodic checkpoints (previous one still uploading) before a warning.
+SKIPS_BEFORE_WARNING = 10
 
 
 # ----------------------------------------------------------------------------- config
@@ -77,6 +84,10 @@ class Config:
     checkpoint_every_minutes: float = field(default=0.0, metadata={"help": "0 disables"})
     keep_last: int = field(default=3, metadata={"help": "checkpoints kept; at least 2"})
     async_checkpoint: bool = field(default=False, metadata={"help": "write on a background thread"})
+    save_while_uploading: bool = field(default=False, metadata={
+        "help": "take every periodic checkpoint even while the previous one is still being "
+                "written or uploaded (default: skip it, so the bucket never falls more than "
+                "about one upload behind)"})
     run_name: str = field(default="", metadata={"help": "default: from SKYPILOT_MANAGED_JOB_ID"})
     resume_from: str = field(default="", metadata={"help": "a step-N dir; default: newest valid"})
     durable_wait_seconds: float = field(
@@ -238,6 +249,24 @@ def preflight_checkpoint_dir(run_dir: Path) -> None:
                           f"({err.strerror or err})") from err
 
 
+def publish(staging: Path, output_dir: Path) -> None:
+    """Copy every file of ``staging`` into ``output_dir`` with plain sequential writes.
+
+    save_pretrained can't write into a MOUNT bucket (goofys, gcsfuse, blobfuse2) directly:
+    safetensors preallocates its file with ftruncate, which those mounts refuse (EPERM).
+    A file that is already there (a previous attempt's) is overwritten whole.
+    """
+    for src in sorted(staging.rglob("*")):
+        if not src.is_file():
+            continue
+        dst = output_dir / src.relative_to(staging)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as reader, open(dst, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 8 << 20)  # bytes per write
+            writer.flush()
+            os.fsync(writer.fileno())
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -348,6 +377,7 @@ def train(cfg: Config) -> int:
     # --- loop ----------------------------------------------------------------------
     tokens_per_step = global_batch * cfg.seq_len
     last_save, window_start, window_steps = time.monotonic(), time.monotonic(), 0
+    skipped_in_a_row = 0  # periodic saves skipped since the last one taken
     running_loss = torch.zeros((), device=accelerator.device)
     progress = None
     if main_process and sys.stderr.isatty():
@@ -394,9 +424,25 @@ def train(cfg: Config) -> int:
         minutes_due = (cfg.checkpoint_every_minutes > 0 and
                        time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
         preempted, minutes_due = checkpointer.at_step_boundary(preemption.requested, minutes_due)
-        if preempted or minutes_due or step % cfg.checkpoint_every_steps == 0 \
-                or step == cfg.max_steps:
+        if preempted or step == cfg.max_steps:
             save(step)
+        elif minutes_due or step % cfg.checkpoint_every_steps == 0:
+            # A periodic save while the previous one is still uploading would queue behind
+            # it and share its bandwidth: the bucket would fall further behind, not catch up.
+            # Skip it; the next trigger tries again.
+            backlog = None if cfg.save_while_uploading else checkpointer.backlog()
+            if backlog is None:
+                save(step)
+                skipped_in_a_row = 0
+            else:
+                skipped_in_a_row += 1
+                log.info("skipping the checkpoint at step %d: %s", step, backlog)
+                events.emit("checkpoint_skipped", step=step, reason=backlog)
+                if skipped_in_a_row % SKIPS_BEFORE_WARNING == 0:
+                    log.warning("%d periodic checkpoints in a row skipped: uploads to the "
+                                "bucket are not keeping up (slow or failing; see the mount's "
+                                "rclone log). Checkpoint less often, or pass "
+                                "--save-while-uploading to queue them anyway", skipped_in_a_row)
             last_save = time.monotonic()
         if preempted:
             checkpointer.wait()
@@ -418,9 +464,11 @@ def train(cfg: Config) -> int:
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "final"
     accelerator.wait_for_everyone()
     if main_process:
-        accelerator.unwrap_model(model).save_pretrained(
-            output_dir, state_dict=accelerator.get_state_dict(model), safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
+        with tempfile.TemporaryDirectory(prefix="skyspot-final-") as staging:
+            accelerator.unwrap_model(model).save_pretrained(
+                staging, state_dict=accelerator.get_state_dict(model), safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            publish(Path(staging), output_dir)
         log.info("saved the final model and tokenizer to %s", output_dir)
     events.emit("exit", code=0, step=step, output_dir=str(output_dir), durable_step=durable)
     events.close()
