@@ -9,7 +9,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_DIR    ?= runs/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench-lag clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests/test_recipes.py
+
+# Bucket lag on a capped MOUNT_CACHED upload: skipping saves while uploading vs not (~2 min).
+bench-lag: setup
+	$(BIN)/python tools/bench_lag.py --workdir runs/bench-lag
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
