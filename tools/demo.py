@@ -50,8 +50,9 @@ JOB_ENVS = {
 # SIGTERM at step 17 (saves at 18 and waits for the bucket, loses nothing), SIGKILL at step 33
 # (loses the steps since the newest checkpoint the bucket holds whole).
 PREEMPTIONS = "step:17:term,step:33:kill"
-# Upload cap per bucket mount: a ~15 MB checkpoint takes ~2 s to reach the bucket, while the
-# trainer saves one every ~1 s, so the bucket lags a few checkpoints behind.
+# Upload cap per bucket mount: a ~15 MB checkpoint takes ~2 s to reach the bucket while a
+# save is due every ~0.5-1.5 s, so the bucket lags the trainer and the trainer skips saves
+# while the previous one is still uploading (the timeline counts them).
 BWLIMIT = "8M"
 
 
