@@ -254,7 +254,8 @@ def publish(staging: Path, output_dir: Path) -> None:
 
     save_pretrained can't write into a MOUNT bucket (goofys, gcsfuse, blobfuse2) directly:
     safetensors preallocates its file with ftruncate, which those mounts refuse (EPERM).
-    A file that is already there (a previous attempt's) is overwritten whole.
+    A file that is already there (a previous attempt's) is overwritten whole. The caller
+    stages in $TMPDIR, which needs room for one copy of the model on local disk.
     """
     for src in sorted(staging.rglob("*")):
         if not src.is_file():
