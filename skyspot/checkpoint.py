@@ -482,8 +482,8 @@ class Checkpointer:
         return _order(durable[-1])[0] if durable else None
 
     def wait_durable(self, timeout_s: float) -> int | None:
-        """Rank 0: wait until the newest committed checkpoint is in the bucket (or timeout);
-        return the newest durable step. A preemption exit uses it to spend its grace on
+        """Rank 0: wait until the newest committed checkpoint is in the bucket (or timeout),
+        then apply retention; return the newest durable step. A preemption exit uses it to spend its grace on
         the upload rather than leave the checkpoint in a cache that dies with the VM."""
         if self.rank != 0 or not self._committed:
             return None
@@ -492,7 +492,11 @@ class Checkpointer:
         while True:
             durable = [p for p, ok in self.durability.in_bucket(self._committed).items() if ok]
             self._durable = set(durable)
-            if newest in durable or time.monotonic() >= deadline:
+            if newest in durable:
+                # Retention at the last commit may have waited on this upload: apply it now,
+                # or the job ends with more than keep_last checkpoints in the bucket.
+                return self._apply_retention()
+            if time.monotonic() >= deadline:
                 return _order(max(durable, key=_order))[0] if durable else None
             time.sleep(0.5)
 

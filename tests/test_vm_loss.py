@@ -45,8 +45,8 @@ SPOT = "recipes/train-lm-spot.yaml"
 MULTINODE = "recipes/train-lm-multinode.yaml"
 
 
-def rehearse(workdir: Path, assets: Path, recipe: str, *extra: str) -> dict:
-    job = {**JOB, "MODEL": str(assets / "model"), "DATASET": str(assets / "data")}
+def rehearse(workdir: Path, assets: Path, recipe: str, *extra: str, **envs: str) -> dict:
+    job = {**JOB, "MODEL": str(assets / "model"), "DATASET": str(assets / "data"), **envs}
     cmd = [sys.executable, "tools/rehearse.py", recipe, "--quiet", "--workdir", str(workdir),
            "--gpus-per-node", "1", "--grace", "20", *extra]
     cmd += [arg for key, value in job.items() for arg in ("--env", f"{key}={value}")]
@@ -134,6 +134,28 @@ def test_vm_loss_at_many_points_on_mount_cached(tiny_assets, tmp_path, uninterru
     assert summary["totals"]["checkpoints"]["skipped"] > 0
     check_lag_bound(summary)
     assert summary["totals"]["final_step"] == int(JOB["MAX_STEPS"])
+    assert_bit_identical(final_weights(summary), uninterrupted(SPOT))
+
+
+def test_process_loss_and_a_notice_on_mount_cached(tiny_assets, tmp_path, uninterrupted):
+    # proc: the job's processes die on a live VM; the mount keeps its cache and goes on
+    # uploading what was closed, so nothing committed is lost. notice: the cloud's metadata
+    # endpoint announces the preemption; the trainer saves, waits until the bucket holds
+    # the save, and exits 143 before the SIGTERM.
+    summary = rehearse(tmp_path / "run", tiny_assets, SPOT, "--bwlimit", BWLIMIT,
+                       "--preempt-at", "step:20:proc,step:40:notice", "--cloud", "aws",
+                       "--notice-lead", "20", NOTICE_POLL_SECONDS="0.5")
+    proc, notice, last = summary["attempts"]
+    assert proc["ending"] == "failed" and proc["fault"]["kind"] == "proc"
+    assert notice["resumed_from"] >= max(c["step"] for c in proc["checkpoints"])
+    assert notice["ending"] == "preempted:notice" and notice["exit_codes"] == [143]
+    assert notice["preemption_reason"] == "notice:aws"
+    assert notice["bucket"]["newest_complete_step"] == notice["last_step"]  # uploaded first
+    assert last["resumed_from"] == notice["last_step"] and notice["steps_lost"] == 0
+    # Retention caught up once the last upload finished: keep_last (2) checkpoints are left.
+    (run,) = Path(summary["storage"]["data_dir"]).glob("ckpt/*/")
+    kept = sorted(d.name for d in run.glob("step-*") if any(f.is_file() for f in d.rglob("*")))
+    assert len(kept) == 2 and kept[-1] == "step-00000060", kept
     assert_bit_identical(final_weights(summary), uninterrupted(SPOT))
 
 
