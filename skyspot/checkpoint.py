@@ -483,8 +483,9 @@ class Checkpointer:
 
     def wait_durable(self, timeout_s: float) -> int | None:
         """Rank 0: wait until the newest committed checkpoint is in the bucket (or timeout),
-        then apply retention; return the newest durable step. A preemption exit uses it to spend its grace on
-        the upload rather than leave the checkpoint in a cache that dies with the VM."""
+        then apply retention; return the newest durable step. A preemption exit uses it to
+        spend its grace on the upload rather than leave the checkpoint in a cache that dies
+        with the VM."""
         if self.rank != 0 or not self._committed:
             return None
         newest = max(self._committed, key=_order)
