@@ -491,14 +491,11 @@ class Checkpointer:
         newest = max(self._committed, key=_order)
         deadline = time.monotonic() + timeout_s
         while True:
-            durable = [p for p, ok in self.durability.in_bucket(self._committed).items() if ok]
-            self._durable = set(durable)
-            if newest in durable:
-                # Retention at the last commit may have waited on this upload: apply it now,
-                # or the job ends with more than keep_last checkpoints in the bucket.
-                return self._apply_retention()
-            if time.monotonic() >= deadline:
-                return _order(max(durable, key=_order))[0] if durable else None
+            # Retention on each check (one listing): the one at the last commit may have
+            # waited on this upload, and the job must not end with more than keep_last.
+            durable_step = self._apply_retention()
+            if newest in self._durable or time.monotonic() >= deadline:
+                return durable_step
             time.sleep(0.5)
 
 
