@@ -124,7 +124,8 @@ optimizer steps, null where unknown):
                      checkpoints   [{step, path, seconds, bytes, async, time, durable_step,
                                    lag_steps}] from node 0's checkpoint events
                      skipped_checkpoints  [step, ...]: periodic saves the trainer skipped
-                                   because the previous one was not yet in the bucket
+                                   because the previous one was still being written or
+                                   not yet in the bucket
                     }]
     totals         {attempts, preemptions: {term, kill, notice}, process_losses,
                     checkpoints: {count, mean_seconds, mean_bytes, max_lag_steps,
