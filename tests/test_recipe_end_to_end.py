@@ -5,11 +5,9 @@ not, and the 2 ranks agree on time-based checkpoints."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from trainer import REPO, assert_bit_identical, weights
+from trainer import assert_bit_identical, rehearsal_weights, rehearse
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +20,9 @@ JOB = {"CHECKPOINT_BUCKET": "ckpt", "FROM_SCRATCH": "true", "SEQ_LEN": "64", "BA
 def _rehearse(tmp_path, assets, *extra, name="run", **envs):
     workdir = tmp_path / name
     job = {**JOB, "MODEL": str(assets / "model"), "DATASET": str(assets / "data"), **envs}
-    cmd = [sys.executable, "tools/rehearse.py", "recipes/train-lm-spot.yaml", "--quiet",
-           "--workdir", str(workdir), "--gpus-per-node", "2", "--grace", "30", *extra]
-    cmd += [arg for key, value in job.items() for arg in ("--env", f"{key}={value}")]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    summary = json.loads((workdir / "rehearsal.json").read_text())
+    result, summary = rehearse("recipes/train-lm-spot.yaml", workdir, job,
+                               "--gpus-per-node", "2", "--grace", "30", *extra, timeout_s=600)
     return result, summary, workdir
-
-
-def _final(workdir):
-    # The bucket's objects: the local S3 store's data dir (FUSE), or plain dirs without FUSE.
-    (final,) = [*workdir.glob("store/data/ckpt/*/final"), *workdir.glob("buckets/ckpt/*/final")]
-    return weights(final)
 
 
 def test_preemption_exits_143_through_the_recipe_run_and_resumes_bit_exactly(tiny_assets,
@@ -50,7 +39,8 @@ def test_preemption_exits_143_through_the_recipe_run_and_resumes_bit_exactly(tin
 
     clean, clean_summary, clean_dir = _rehearse(tmp_path, tiny_assets, name="clean")
     assert clean.returncode == 0 and len(clean_summary["attempts"]) == 1
-    assert_bit_identical(_final(workdir), _final(clean_dir))
+    assert_bit_identical(rehearsal_weights(summary, "ckpt"),
+                         rehearsal_weights(clean_summary, "ckpt"))
 
 
 def test_a_real_failure_does_not_exit_143(tiny_assets, tmp_path):

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from trainer import REPO, assert_bit_identical, weights
+from trainer import REPO, assert_bit_identical, rehearsal_weights, rehearse
 
 sys.path.insert(0, str(REPO / "tools"))
 import localstore  # noqa: E402
@@ -45,13 +44,10 @@ SPOT = "recipes/train-lm-spot.yaml"
 MULTINODE = "recipes/train-lm-multinode.yaml"
 
 
-def rehearse(workdir: Path, assets: Path, recipe: str, *extra: str, **envs: str) -> dict:
+def rehearse_ok(workdir: Path, assets: Path, recipe: str, *extra: str, **envs: str) -> dict:
     job = {**JOB, "MODEL": str(assets / "model"), "DATASET": str(assets / "data"), **envs}
-    cmd = [sys.executable, "tools/rehearse.py", recipe, "--quiet", "--workdir", str(workdir),
-           "--gpus-per-node", "1", "--grace", "20", *extra]
-    cmd += [arg for key, value in job.items() for arg in ("--env", f"{key}={value}")]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    summary = json.loads((workdir / "rehearsal.json").read_text())
+    result, summary = rehearse(recipe, workdir, job, "--gpus-per-node", "1", "--grace", "20",
+                               *extra)
     assert result.returncode == 0 and summary["ok"], (
         f"rehearsal failed: {summary['status']} {summary['regressions']} "
         f"{summary['corruptions']} {summary.get('errors')}\n{result.stdout[-4000:]}")
@@ -59,8 +55,7 @@ def rehearse(workdir: Path, assets: Path, recipe: str, *extra: str, **envs: str)
 
 
 def final_weights(summary: dict):
-    (final,) = Path(summary["storage"]["data_dir"]).glob("ckpt/*/final")
-    return weights(final)
+    return rehearsal_weights(summary, JOB["CHECKPOINT_BUCKET"])
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +66,7 @@ def uninterrupted(tiny_assets, tmp_path_factory):
     def get(recipe: str):
         if recipe not in cache:
             workdir = tmp_path_factory.mktemp("uninterrupted")
-            summary = rehearse(workdir, tiny_assets, recipe, "--no-fuse")
+            summary = rehearse_ok(workdir, tiny_assets, recipe, "--no-fuse")
             assert len(summary["attempts"]) == 1
             cache[recipe] = final_weights(summary)
         return cache[recipe]
@@ -117,7 +112,7 @@ def check_lag_bound(summary: dict) -> None:
 
 def test_vm_loss_at_many_points_on_mount_cached(tiny_assets, tmp_path, uninterrupted):
     strikes = "ckpt:9:kill,step:25:kill,ckpt:40:kill,step:50:kill"
-    summary = rehearse(tmp_path / "run", tiny_assets, SPOT, "--bwlimit", BWLIMIT,
+    summary = rehearse_ok(tmp_path / "run", tiny_assets, SPOT, "--bwlimit", BWLIMIT,
                        "--preempt-at", strikes)
     lost = check_vm_losses(summary, "MOUNT_CACHED")
     assert [a["fault"]["trigger"] for a in lost] == strikes.split(",")
@@ -142,7 +137,7 @@ def test_process_loss_and_a_notice_on_mount_cached(tiny_assets, tmp_path, uninte
     # uploading what was closed, so nothing committed is lost. notice: the cloud's metadata
     # endpoint announces the preemption; the trainer saves, waits until the bucket holds
     # the save, and exits 143 before the SIGTERM.
-    summary = rehearse(tmp_path / "run", tiny_assets, SPOT, "--bwlimit", BWLIMIT,
+    summary = rehearse_ok(tmp_path / "run", tiny_assets, SPOT, "--bwlimit", BWLIMIT,
                        "--preempt-at", "step:20:proc,step:40:notice", "--cloud", "aws",
                        "--notice-lead", "20", NOTICE_POLL_SECONDS="0.5")
     proc, notice, last = summary["attempts"]
@@ -162,7 +157,7 @@ def test_process_loss_and_a_notice_on_mount_cached(tiny_assets, tmp_path, uninte
 def test_two_node_job_losing_one_node(tiny_assets, tmp_path, uninterrupted):
     # Node 1 is lost; SkyPilot then restarts the whole job (node 0's VM is torn down too).
     strikes = "ckpt:9:kill@1,step:30:kill@1"
-    summary = rehearse(tmp_path / "run", tiny_assets, MULTINODE, "--bwlimit", BWLIMIT,
+    summary = rehearse_ok(tmp_path / "run", tiny_assets, MULTINODE, "--bwlimit", BWLIMIT,
                        "--preempt-at", strikes)
     assert summary["num_nodes"] == 2
     lost = check_vm_losses(summary, "MOUNT_CACHED")
@@ -189,7 +184,7 @@ def test_vm_loss_on_mount_mode(tiny_assets, tmp_path, uninterrupted):
     recipe.write_text(text)
 
     strikes = "ckpt:9:kill,step:30:kill,ckpt:45:kill"
-    summary = rehearse(tmp_path / "run", tiny_assets, str(recipe), "--bwlimit", BWLIMIT,
+    summary = rehearse_ok(tmp_path / "run", tiny_assets, str(recipe), "--bwlimit", BWLIMIT,
                        "--preempt-at", strikes)
     lost = check_vm_losses(summary, "MOUNT")
     assert len(lost) == 3

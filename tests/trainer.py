@@ -114,6 +114,25 @@ def wait_until(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
     raise TimeoutError("condition not reached in time")
 
 
+def rehearse(recipe: str, workdir: Path, envs: dict[str, str], *extra: str,
+             timeout_s: float = 900) -> tuple[subprocess.CompletedProcess, dict]:
+    """tools/rehearse.py on ``recipe`` with ``envs`` as --env overrides, node logs quiet;
+    its completed process and its rehearsal.json."""
+    cmd = [sys.executable, "tools/rehearse.py", recipe, "--quiet", "--workdir", str(workdir),
+           *extra]
+    cmd += [arg for key, value in envs.items() for arg in ("--env", f"{key}={value}")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout_s)
+    return result, json.loads((workdir / "rehearsal.json").read_text())
+
+
+def rehearsal_weights(summary: dict, bucket: str) -> dict[str, torch.Tensor]:
+    """The final model a rehearsal left in ``bucket`` (the store's objects, or the plain
+    directory it fell back to)."""
+    (final,) = Path(summary["storage"]["data_dir"]).glob(f"{bucket}/*/final")
+    return weights(final)
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
