@@ -1,10 +1,14 @@
 """Crash-consistent checkpoints on object-store mounts.
 
-Guarantee: a checkpoint is chosen for resume only if its manifest exists and every
-file the manifest lists has exactly the listed size and xxh3-128 checksum. A kill at
-any instant (mid-write, mid-manifest, mid-delete) therefore leaves either a checkpoint
-that verifies or one that is skipped with a one-line warning naming the file and the
-reason, and resume falls back to the next older one.
+Guarantee: a checkpoint is chosen for resume only if its manifest exists, is well formed
+(format version, step matching the directory, plain file names, sizes and checksums of the
+right shape, every file the trainer requires listed), and every file it lists is a regular
+file inside the checkpoint directory with exactly the listed size and xxh3-128 checksum.
+A kill at any instant (mid-write, mid-manifest, mid-delete), a manifest that lies, or an
+I/O error while verifying therefore leaves either a checkpoint that verifies or one that is
+skipped with a one-line warning naming the file and the reason, and resume falls back to
+the next older one. Nothing here follows a symlink, and retention deletes only directories
+of this run, never a file of a save another live writer is making (``owner``).
 
 How, and why each rule exists:
 
@@ -17,6 +21,11 @@ How, and why each rule exists:
 - Retention keeps the ``keep_last`` (>= 2) newest committed checkpoints and deletes an
   older one only after a newer one is committed. A delete removes the manifest first,
   so a half-deleted checkpoint can never verify.
+- With an ``owner`` (``skyspot.lease.RunLease``), every commit and every delete first
+  checks that this process still owns the run; one that lost it stops with an error.
+- An I/O error while saving (a full disk, a read-only mount) is a CheckpointError of one
+  line naming the path; the directory of that save never verifies, and nothing older is
+  touched.
 - Saves are collective: every rank writes its own files (its RNG state, say), rank 0
   gathers their entries and writes the manifest. With ``async_save`` the state is
   snapshotted to CPU memory at a step boundary and written on a background thread; at
@@ -30,13 +39,16 @@ How, and why each rule exists:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -58,11 +70,15 @@ log = logging.getLogger("skyspot.checkpoint")
 MANIFEST = "manifest.json"
 FORMAT = "skyspot-checkpoint/1"
 _DIR_RE = re.compile(r"^step-(?P<step>\d{8})(?:\.r(?P<retry>\d+))?$")
+_PLAIN_NAME = re.compile(r"^[^/\\\x00]{1,255}$")  # one path component, no separators or NUL
+_XXH3 = re.compile(r"^[0-9a-f]{32}$")  # xxh3-128 hexdigest
+_MAX_MANIFEST_BYTES = 64 << 20  # a million-file manifest is ~100 MB; ours are kilobytes
 _CHUNK = 8 << 20  # bytes per write call: big enough for throughput, small enough to hash in cache
 _LIST_GRACE_S = 15.0  # seconds: > SkyPilot's --dir-cache-time 10s on MOUNT_CACHED mounts
 # Fault injection for rehearsals and tests: seconds to sleep after each checkpoint file is
 # written, so a kill can land mid-checkpoint on purpose. Never set in production.
 WRITE_DELAY_ENV = "SKYSPOT_FAULT_WRITE_DELAY_S"
+_NOTHING_LOST = "; this checkpoint was not committed, the previous ones are intact"
 
 
 class CheckpointError(RuntimeError):
@@ -141,31 +157,138 @@ def write_file(directory: Path, name: str, payload: Any) -> FileEntry:
     return FileEntry(name, out.size, out.hash.hexdigest())
 
 
-def verify(path: Path) -> tuple[dict | None, str | None]:
-    """Return (manifest, None) if the checkpoint at ``path`` is complete, else (None, reason)."""
+def verify(path: Path, required: Callable[[dict], list[str]] | None = None,
+           ) -> tuple[dict | None, str | None]:
+    """(manifest, None) if the checkpoint at ``path`` is complete, else (None, reason).
+
+    Never raises: a manifest of the wrong shape, a file that is not a regular file, or any
+    I/O error while reading is a reason to skip this checkpoint. ``required(manifest)``
+    (called only on a well-formed manifest) names the files the caller needs (a trainer's
+    weights, say), each of which must be listed; it may raise ValueError to reject the
+    manifest (a missing meta field, say), with a message that says why."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads(_read_regular(path / MANIFEST, _MAX_MANIFEST_BYTES))
     except FileNotFoundError:
         return None, f"{MANIFEST} missing (the save never committed)"
     except (OSError, ValueError) as err:
-        return None, f"{MANIFEST} unreadable: {err}"
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), list):
-        return None, f"{MANIFEST} is not a {FORMAT} manifest"
-    for entry in manifest["files"]:
-        file = path / entry["path"]
+        return None, f"{MANIFEST} unreadable: {_why(err)}"
+    reason = manifest_problem(manifest, parse_dir_name(path.name))
+    if reason is None and required is not None:
         try:
-            size = file.stat().st_size
+            needed = required(manifest)
+        except (ValueError, KeyError, TypeError) as err:
+            return None, f"{MANIFEST}: {err}"
+        listed = {entry["path"] for entry in manifest["files"]}
+        missing = [name for name in needed if name not in listed]
+        if missing:
+            reason = f"{MANIFEST} does not list {', '.join(missing)}, which a resume needs"
+    if reason is not None:
+        return None, reason
+    for entry in manifest["files"]:
+        name = entry["path"]
+        try:
+            info = (path / name).lstat()
+            if not stat.S_ISREG(info.st_mode):
+                return None, f"{name} is not a regular file ({_kind(info.st_mode)})"
+            if info.st_size != entry["size"]:
+                return None, f"{name} has {info.st_size} bytes, manifest says {entry['size']}"
+            digest = xxhash.xxh3_128()
+            with open(path / name, "rb", opener=_open_nofollow) as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
         except FileNotFoundError:
-            return None, f"{entry['path']} missing"
-        if size != entry["size"]:
-            return None, f"{entry['path']} has {size} bytes, manifest says {entry['size']}"
-        digest = xxhash.xxh3_128()
-        with open(file, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+            return None, f"{name} missing"
+        except OSError as err:  # EIO on a FUSE mount, ELOOP, EACCES...: skip, never crash
+            return None, f"{name} unreadable: {_why(err)}"
         if digest.hexdigest() != entry["xxh3_128"]:
-            return None, f"{entry['path']} checksum mismatch"
+            return None, f"{name} checksum mismatch"
     return manifest, None
+
+
+def manifest_problem(manifest: Any, dir_name: tuple[int, int] | None) -> str | None:
+    """Why ``manifest`` is not a well-formed manifest of the checkpoint directory named
+    ``dir_name`` ((step, retry), or None for a directory not named step-N), else None."""
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST} is a JSON {type(manifest).__name__}, not an object"
+    fmt = manifest.get("format")
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and fmt.startswith(FORMAT.split("/")[0] + "/"):
+            return (f"{MANIFEST} is format {fmt!r}; this skyspot {skyspot.__version__} reads "
+                    f"{FORMAT!r} (written by another version?)")
+        return f"{MANIFEST} is not a {FORMAT} manifest"
+    step, world, files, meta = (manifest.get(k) for k in ("step", "world_size", "files", "meta"))
+    if not _is_int(step) or step < 0:
+        return f"{MANIFEST}: step is {step!r}, not a non-negative integer"
+    if dir_name is not None and step != dir_name[0]:
+        return f"{MANIFEST}: step {step} does not match the directory's step {dir_name[0]}"
+    if not _is_int(world) or world < 1:
+        return f"{MANIFEST}: world_size is {world!r}, not a positive integer"
+    if not isinstance(meta, dict):
+        return f"{MANIFEST}: meta is {type(meta).__name__}, not an object"
+    if "step" in meta and meta["step"] != step:
+        return f"{MANIFEST}: meta.step {meta['step']!r} does not match step {step}"
+    if not isinstance(files, list) or not files:
+        return f"{MANIFEST}: files is {'empty' if files == [] else repr(files)[:40]}"
+    seen = set()
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            return f"{MANIFEST}: files[{i}] is {type(entry).__name__}, not an object"
+        name, size, digest = entry.get("path"), entry.get("size"), entry.get("xxh3_128")
+        if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name in (
+                ".", "..", MANIFEST):
+            return f"{MANIFEST}: files[{i}].path {name!r} is not a plain file name"
+        if name in seen:
+            return f"{MANIFEST}: {name} is listed twice"
+        seen.add(name)
+        if not _is_int(size) or size < 0:
+            return f"{MANIFEST}: {name} size {size!r} is not a non-negative integer"
+        if not isinstance(digest, str) or not _XXH3.match(digest):
+            return f"{MANIFEST}: {name} checksum {digest!r} is not 32 hex digits"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _open_nofollow(file: str, flags: int) -> int:
+    # O_NOFOLLOW: a file swapped for a symlink after the lstat is not followed.
+    return os.open(file, flags | os.O_NOFOLLOW)
+
+
+def _read_regular(file: Path, limit: int) -> bytes:
+    """The bytes of ``file`` if it is a regular file (never a symlink, device or FIFO, which
+    could point elsewhere or never end) of at most ``limit`` bytes."""
+    info = file.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"not a regular file ({_kind(info.st_mode)})")
+    if info.st_size > limit:
+        raise OSError(f"{info.st_size} bytes, more than a manifest ever has ({limit})")
+    with open(file, "rb", opener=_open_nofollow) as f:
+        return f.read(limit + 1)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _why(err: BaseException) -> str:
+    """One line for an I/O error: its strerror and errno name, without the noise."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{(err.strerror or str(err)).lower()} ({errno.errorcode.get(err.errno, err.errno)})"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def describe_os_error(err: OSError, doing: str) -> str:
+    """``doing`` plus what went wrong, in one line: 'no space left on device (ENOSPC)
+    writing /ckpt/run/step-00000008/optimizer.pt'."""
+    where = f" {err.filename}" if err.filename else ""
+    return f"{_why(err)} {doing}{where}"
 
 
 def parse_dir_name(name: str) -> tuple[int, int] | None:
@@ -179,20 +302,28 @@ def step_dirs(root: Path) -> list[tuple[int, int, Path]]:
     if not root.is_dir():
         return []
     found = []
-    for child in root.iterdir():
+    try:
+        children = list(root.iterdir())
+    except OSError as err:
+        log.warning("cannot list checkpoints in %s: %s", root, _why(err))
+        return []
+    for child in children:
         parsed = parse_dir_name(child.name)
-        if parsed and child.is_dir():
+        # A symlink is never a checkpoint of this run: following it would let retention
+        # delete, and resume read, another run's files.
+        if parsed and not child.is_symlink() and child.is_dir():
             found.append((*parsed, child))
     return sorted(found, reverse=True)
 
 
-def latest_valid(root: Path) -> Checkpoint | None:
+def latest_valid(root: Path, required: Callable[[dict], list[str]] | None = None,
+                 ) -> Checkpoint | None:
     """Newest checkpoint under root that verifies; warn once per skipped one."""
     for step, _, path in step_dirs(root):
-        manifest, reason = verify(path)
+        manifest, reason = verify(path, required)
         if manifest is not None:
             return Checkpoint(path, step, manifest)
-        if not any(path.iterdir()):
+        if _is_empty(path):
             # An empty directory holds nothing to lose: a save killed before its first
             # file, or a deleted checkpoint whose "directory" a bucket listing still shows.
             log.debug("skipping empty checkpoint directory %s", path)
@@ -201,12 +332,20 @@ def latest_valid(root: Path) -> Checkpoint | None:
     return None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def _is_empty(path: Path) -> bool:
+    try:
+        return not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def load_checkpoint(path: Path, required: Callable[[dict], list[str]] | None = None,
+                    ) -> Checkpoint:
     """Load one named checkpoint, or raise CheckpointError saying why it can't be used."""
     parsed = parse_dir_name(path.name)
     if not parsed:
         raise CheckpointError(f"{path} is not a checkpoint directory (expected step-NNNNNNNN)")
-    manifest, reason = verify(path)
+    manifest, reason = verify(path, required)
     if manifest is None:
         raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
     return Checkpoint(path, parsed[0], manifest)
@@ -278,7 +417,11 @@ class Checkpointer:
         keep_last: int = 3,
         async_save: bool = False,
         on_commit: Callable[[Committed], None] | None = None,
+        required: Callable[[dict], list[str]] | None = None,
+        owner: Any = None,
     ):
+        """``required(manifest)`` names the files a resume needs (checked by ``verify``);
+        ``owner`` has ``check()``, which raises once another writer owns the run."""
         if keep_last < 2:
             # The newest checkpoint may still be uploading or be torn by a kill; the one
             # before it is what a resume falls back to.
@@ -287,6 +430,8 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self.on_commit = on_commit
+        self.required = required
+        self.owner = owner
         self.rank = dist.get_rank() if _dist_on() else 0
         self.world_size = dist.get_world_size() if _dist_on() else 1
         self._pending: _Pending | None = None
@@ -299,18 +444,25 @@ class Checkpointer:
 
     # --- resume -------------------------------------------------------------------
 
-    def resume_point(self, explicit: Path | None = None) -> Checkpoint | None:
+    def resume_point(self, seed: Path | None = None) -> Checkpoint | None:
         """The checkpoint to resume from, identical on every rank.
 
-        ``explicit`` must verify or CheckpointError is raised; otherwise the newest valid
-        one is taken, skipping (with a warning) any that are incomplete or corrupt.
+        The newest valid checkpoint of this run, skipping (with a warning) any that are
+        incomplete or corrupt. Only when the run has none is ``seed`` used (it must verify
+        or CheckpointError is raised): a managed job relaunches the same command after
+        every preemption, and going back to the seed each time would lose everything since.
         """
         # Rank 0 chooses and sends the whole choice, manifest included: on another node's
         # mount the files rank 0 verified may not be listed yet (rclone's dir cache).
         chosen: list[Any] = [None]
         if self.rank == 0:
             try:
-                chosen[0] = load_checkpoint(explicit) if explicit else latest_valid(self.root)
+                own = latest_valid(self.root, self.required)
+                if own is not None and seed is not None:
+                    log.info("resuming from this run's own %s; the seed %s is used only while "
+                             "the run has no checkpoint of its own", own.path, seed)
+                chosen[0] = own if own is not None or seed is None else load_checkpoint(
+                    seed, self.required)
             except CheckpointError as err:
                 chosen[0] = err
         if _dist_on():
@@ -402,10 +554,16 @@ class Checkpointer:
                 if not (self.root / candidate).exists():
                     break
                 retry += 1
-            (self.root / candidate).mkdir(parents=True)
-            name[0] = candidate
+            try:
+                (self.root / candidate).mkdir(parents=True)
+                name[0] = candidate
+            except OSError as err:
+                name[0] = CheckpointError(describe_os_error(
+                    err, "creating a checkpoint directory") + _NOTHING_LOST)
         if _dist_on():
             dist.broadcast_object_list(name, src=0)
+        if isinstance(name[0], CheckpointError):
+            raise name[0]
         return self.root / name[0]
 
     def _write(self, pending: _Pending, files: dict[str, Any]) -> None:
@@ -430,37 +588,58 @@ class Checkpointer:
             entries = pending.entries
         if any(failed):
             # Nothing is committed: the directory has no manifest and will never verify.
+            error = pending.error
             raise CheckpointError(
-                f"writing checkpoint {pending.path} failed: {pending.error or 'on another rank'}"
-            )
+                describe_os_error(error, "writing checkpoint files") + _NOTHING_LOST
+                if isinstance(error, OSError) else
+                f"writing checkpoint {pending.path} failed: {error or 'on another rank'}")
+        outcome: list[Any] = [None]
         if self.rank == 0:
-            manifest = {
-                "format": FORMAT,
-                "step": pending.step,
-                "world_size": self.world_size,
-                "files": [vars(entry) for entry in entries],
-                "versions": versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "meta": pending.meta,
-            }
-            written = write_file(pending.path, MANIFEST, json.dumps(manifest, indent=1).encode())
-            self._committed[pending.path] = {
-                **{entry.path: entry.size for entry in entries}, MANIFEST: written.size}
-            durable_step = self._apply_retention()
-            if self.on_commit is not None:
-                self.on_commit(
-                    Committed(
-                        path=pending.path,
-                        step=pending.step,
-                        bytes=sum(entry.size for entry in entries),
-                        seconds=time.monotonic() - pending.started,
-                        async_save=pending.thread is not None,
-                        durable_step=durable_step,
-                        durability=self.durability.kind,
-                    )
-                )
+            try:
+                self._commit_on_rank0(pending, entries)
+            except CheckpointError as err:
+                outcome[0] = err
         if _dist_on():
-            dist.barrier()  # no rank runs ahead of a commit it may need to resume from
+            # Also the barrier: no rank runs ahead of a commit it may need to resume from.
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _commit_on_rank0(self, pending: _Pending, entries: list[FileEntry]) -> None:
+        if self.owner is not None:
+            self.owner.check()  # a writer that lost the run must not commit into it
+        manifest = {
+            "format": FORMAT,
+            "step": pending.step,
+            "world_size": self.world_size,
+            "files": [vars(entry) for entry in entries],
+            "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "meta": pending.meta,
+        }
+        try:
+            written = write_file(pending.path, MANIFEST,
+                                 json.dumps(manifest, indent=1).encode())
+        except OSError as err:
+            with contextlib.suppress(OSError):  # a torn manifest never verifies anyway
+                (pending.path / MANIFEST).unlink()
+            raise CheckpointError(describe_os_error(err, "writing the manifest")
+                                  + _NOTHING_LOST) from err
+        self._committed[pending.path] = {
+            **{entry.path: entry.size for entry in entries}, MANIFEST: written.size}
+        durable_step = self._apply_retention()
+        if self.on_commit is not None:
+            self.on_commit(
+                Committed(
+                    path=pending.path,
+                    step=pending.step,
+                    bytes=sum(entry.size for entry in entries),
+                    seconds=time.monotonic() - pending.started,
+                    async_save=pending.thread is not None,
+                    durable_step=durable_step,
+                    durability=self.durability.kind,
+                )
+            )
 
     def _apply_retention(self) -> int | None:
         """Keep the keep_last newest checkpoints that are in the bucket itself, and every
@@ -474,11 +653,14 @@ class Checkpointer:
         self._durable = set(durable)
         if len(durable) >= self.keep_last:
             oldest_kept = _order(durable[-self.keep_last])
-            for step, retry, path in step_dirs(self.root):
-                if (step, retry) < oldest_kept:
-                    _delete(path)
-                    self._committed.pop(path, None)
-                    self._durable.discard(path)
+            doomed = [path for step, retry, path in step_dirs(self.root)
+                      if (step, retry) < oldest_kept]
+            if doomed and self.owner is not None:
+                self.owner.check()  # never delete in a run another writer now owns
+            for path in doomed:
+                _delete(self.root, path)
+                self._committed.pop(path, None)
+                self._durable.discard(path)
         return _order(durable[-1])[0] if durable else None
 
     def wait_durable(self, timeout_s: float) -> int | None:
@@ -503,7 +685,15 @@ def _order(path: Path) -> tuple[int, int]:
     return parse_dir_name(path.name)  # only ever called on directories this module named
 
 
-def _delete(path: Path) -> None:
-    # Manifest first: a delete interrupted halfway leaves a directory that never verifies.
-    (path / MANIFEST).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
+def _delete(root: Path, path: Path) -> None:
+    """Delete checkpoint directory ``path`` of ``root``: never a symlink, never outside."""
+    if path.is_symlink() or path.parent != root or not parse_dir_name(path.name):
+        log.warning("not deleting %s: not a checkpoint directory of %s", path, root)
+        return
+    try:
+        # Manifest first: a delete interrupted halfway leaves a directory that never verifies.
+        (path / MANIFEST).unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("could not delete old checkpoint %s: %s", path, _why(err))
+        return
+    shutil.rmtree(path, ignore_errors=True)  # removes symlinks inside, never follows them
