@@ -48,7 +48,7 @@ from pathlib import Path
 import psutil
 
 from skyspot.checkpoint import CheckpointError
-from skyspot.durability import RcloneRemoteView, view_for
+from skyspot.durability import RcloneRemoteView, mount_of, view_for
 
 log = logging.getLogger("skyspot.lease")
 
@@ -120,13 +120,20 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost_to: Owner | None = None
+        self._first_unreadable: float | None = None
+        # Where a rename is atomic (a local or network disk), a record is written to a
+        # temporary name and renamed, so a kill never leaves a torn one; on a bucket mount
+        # rename is copy+delete, and an object is published whole anyway.
+        mount = mount_of(run_dir)
+        self._atomic_rename = mount is None or not mount.fstype.startswith("fuse")
 
     # --- reading and writing the record --------------------------------------------
 
     def read(self, *, through_bucket: bool = True) -> Owner | None:
-        """The current record, None if there is none; an unreadable one is re-read for up
-        to a second (a local write in progress), then reported as an anonymous owner whose
-        heartbeat is when we first saw it."""
+        """The current record, None if there is none. An unreadable one (empty or torn: a
+        writer killed mid-write) is re-read for up to a second, then reported as an unknown
+        owner whose heartbeat is the file's modification time, which stays put unless
+        someone writes it again: it is taken over once that is older than the timeout."""
         for _ in range(10):
             raw = self._read_bytes(through_bucket)
             if raw is None:
@@ -135,8 +142,13 @@ class RunLease:
                 return Owner(**json.loads(raw))
             except (ValueError, TypeError):
                 time.sleep(0.1)
-        return Owner(id="unreadable", host="unknown", pid=0, boot_id="", pid_ns="", started=0,
-                     claimed=0, heartbeat=time.time(), ttl_s=self.ttl_s)
+        try:
+            written = self.path.stat().st_mtime
+        except OSError:
+            written = self._first_unreadable = self._first_unreadable or time.time()
+        return Owner(id=f"unreadable-{written}", host="unknown (unreadable owner.json)", pid=0,
+                     boot_id="", pid_ns="", started=0, claimed=written, heartbeat=written,
+                     ttl_s=self.ttl_s)
 
     def _read_bytes(self, through_bucket: bool) -> bytes | None:
         if through_bucket and self._remote is not None:
@@ -159,10 +171,14 @@ class RunLease:
             return None
 
     def _write(self, record: Owner) -> None:
-        with open(self.path, "w") as f:
+        target = self.path.with_name(f".{OWNER}.{os.getpid()}") if self._atomic_rename else (
+            self.path)
+        with open(target, "w") as f:
             f.write(json.dumps(asdict(record), indent=1))
             f.flush()
             os.fsync(f.fileno())
+        if target != self.path:
+            os.replace(target, self.path)
 
     # --- the protocol -----------------------------------------------------------------
 

@@ -246,3 +246,27 @@ def test_a_trainer_whose_run_was_taken_over_stops_without_committing(tiny_assets
     assert committed_before <= manifests, "a checkpoint was deleted after the takeover"
     assert len(manifests - committed_before) <= 1, "committed after the takeover"
     assert json.loads((run_dir / OWNER).read_text())["host"] == "other-vm"
+
+
+@pytest.mark.parametrize("content", [b"", b'{"id": "torn-by-a-ki'])
+def test_a_torn_record_is_taken_over_after_the_timeout_not_refused(tmp_path, content):
+    """A writer killed mid-write leaves an empty or torn owner.json: its owner is dead."""
+    import os
+
+    (tmp_path / OWNER).write_bytes(content)
+    lease = RunLease(tmp_path, ttl_s=2.0, heartbeat_s=0.5)
+    t0 = time.monotonic()
+    lease.acquire()
+    try:
+        assert time.monotonic() - t0 < 6
+        assert json.loads((tmp_path / OWNER).read_text())["id"] == lease.me.id
+    finally:
+        lease.release()
+    # An old torn record is taken over at once.
+    (tmp_path / OWNER).write_bytes(content)
+    os.utime(tmp_path / OWNER, (time.time() - 60, time.time() - 60))
+    again = RunLease(tmp_path, ttl_s=2.0, heartbeat_s=0.5)
+    t0 = time.monotonic()
+    again.acquire()
+    again.release()
+    assert time.monotonic() - t0 < 3
