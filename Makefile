@@ -8,33 +8,63 @@ BIN    := $(VENV)/bin
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_DIR    ?= runs/demo
+# Real-bucket rehearsals (and the tests that need them) mount buckets through FUSE, which needs
+# fuse3's fusermount3. Setup installs it with apt-get where it can (root, apt-get: a fresh
+# cloud VM or container); elsewhere it prints one note and rehearsals use plain directories.
+# FUSE=no skips the install, e.g. `make setup FUSE=no`.
+FUSE        ?= yes
 
 .PHONY: setup demo test lint bench-lag clean
 
+# What every target needs. $(VENV)/.fuse marks that the fuse3 step ran for this .venv, so
+# `make test` and `make demo` change system packages at most once, on first use; an explicit
+# `make setup` runs the step again (it does nothing once fusermount3 is on PATH).
+READY := $(VENV)/.installed $(VENV)/.fuse
+
 setup: $(VENV)/.installed
+	@$(FUSE_STEP)
+	@touch $(VENV)/.fuse
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	@command -v fusermount3 >/dev/null || echo "note: fusermount3 not found; real-bucket rehearsals need FUSE: sudo apt-get install -y fuse3"
 	touch $@
 
-demo: setup
+$(VENV)/.fuse: | $(VENV)/.installed
+	@$(FUSE_STEP)
+	@touch $@
+
+# One line of shell (make joins the continuations): silent when fusermount3 (or fusermount)
+# is there, else installs fuse3 as .ci/run used to, else one note; never fails setup.
+FUSE_WHY := rehearsals use plain directories and the FUSE tests skip
+FUSE_STEP = \
+    if command -v fusermount3 >/dev/null 2>&1 || command -v fusermount >/dev/null 2>&1; then :; \
+    elif [ "$(FUSE)" = no ]; then \
+      echo "note: FUSE=no: fuse3 not installed, so $(FUSE_WHY)"; \
+    elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+      echo "note: fusermount3 not found and setup installs it only as root with apt-get: sudo apt-get install -y fuse3; until then $(FUSE_WHY)"; \
+    else \
+      echo "setup: installing fuse3 with apt-get for real-bucket rehearsals (FUSE=no skips this)"; \
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null; } \
+      || echo "note: installing fuse3 failed (apt-get, above), so $(FUSE_WHY); make setup tries again"; \
+    fi
+
+demo: $(READY)
 	$(BIN)/python tools/demo.py --workdir $(DEMO_DIR)
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
-test: setup
+test: $(READY)
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
-lint: setup
+lint: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests/test_recipes.py
 
 # Bucket lag on a capped MOUNT_CACHED upload: skipping saves while uploading vs not (~2 min).
-bench-lag: setup
+bench-lag: $(READY)
 	$(BIN)/python tools/bench_lag.py --workdir runs/bench-lag
 
 clean:

@@ -3,7 +3,9 @@
 Guarantee: this process exits 143 when the trainer committed a preemption save (it writes
 the file named by ``SKYSPOT_EXIT_MARKER`` after the commit); otherwise it exits with the
 launcher's own code, 128+N if signal N killed it. (So a launcher killed by SIGTERM before
-any save also reads 143: the job was terminated, not broken, and recovery is right.)
+any save also reads 143: the job was terminated, not broken, and recovery is right.) A
+launcher that cannot be started exits as a shell would, after one error line: 127 if it is
+not found, 126 if it is found but cannot be run (a directory, a file without the x bit).
 
 Why it exists: ``accelerate launch`` and ``torchrun`` turn a child's exit 143 into 1, and
 SkyPilot sees only the exit code of ``run:``. A recipe lists 143 in
@@ -67,6 +69,15 @@ def _reap_orphans(deadline_s: float) -> None:
             time.sleep(0.2)
 
 
+def _why_not_runnable(program: str, error: OSError) -> str:
+    path = Path(program) if os.sep in program else None
+    if path is not None and path.is_dir():
+        return "is a directory"
+    if path is not None and path.is_file() and not os.access(path, os.X_OK):
+        return "not executable (chmod +x?)"
+    return error.strerror or str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m skyspot.launch",
@@ -94,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError:
             print(f"skyspot.launch: error: command not found: {command[0]}", file=sys.stderr)
             return 127
+        except OSError as e:  # found but not runnable: a directory, no x bit, not a program
+            why = _why_not_runnable(command[0], e)
+            print(f"skyspot.launch: error: cannot run {command[0]}: {why}", file=sys.stderr)
+            return 126  # the shell's code for a command found but not executable
         while True:
             try:
                 code = child.wait()

@@ -4,8 +4,9 @@ with per-node bucket mounts, with injected preemptions and node losses.
 The rehearsals run tests/fixtures/rehearse/toy_trainer.py (no ML: a step counter that writes
 skyspot-format checkpoints and events) in-process through ``rehearse.main`` so that SkyPilot
 is imported once; the CLI's own process behaviour is checked with a few subprocesses. With
-/dev/fuse, buckets are ``rclone serve s3`` plus one ``rclone mount`` per node (the FUSE-only
-tests are skipped without it); every test checks that it left no mount and no rclone behind.
+FUSE (/dev/fuse and fusermount3), buckets are ``rclone serve s3`` plus one ``rclone mount`` per
+node (the FUSE-only tests are skipped without it, saying what is missing); every test checks
+that it left no mount and no rclone behind.
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ FIXTURES = REPO / "tests" / "fixtures" / "rehearse"
 TOY = str(FIXTURES / "toy.yaml")
 TOY_2NODE = str(FIXTURES / "toy_2node.yaml")
 TOY_CACHED = str(FIXTURES / "toy_cached.yaml")
-FUSE = Path("/dev/fuse").exists()
-needs_fuse = pytest.mark.skipif(not FUSE, reason="no /dev/fuse: buckets are plain directories")
+sys.path.insert(0, str(REPO / "tools"))
+import localstore  # noqa: E402
+
+# /dev/fuse and fusermount3: without either, rehearse falls back to plain directories.
+FUSE, FUSE_WHY = localstore.fuse_available()
+needs_fuse = pytest.mark.skipif(not FUSE, reason=f"needs FUSE: {FUSE_WHY}")
 # The save at step 10 is slow enough to be cut by a lost VM half-uploaded: its 100 KB state
 # file is closed, uploaded within ~1.2 s (rclone's 1 s write-back, then 1 MB/s), and the
 # manifest follows 2 s after it, so a kill right after the manifest (well within its 1 s
@@ -402,15 +407,29 @@ def test_without_fuse_buckets_are_plain_directories(rehearse, tmp_path, capsys, 
     assert summary["attempts"][1]["resumed_from"] == 5  # the events-based check still runs
 
 
-@needs_fuse
-def test_fuse_without_fusermount_is_bad_input(rehearse, tmp_path, capsys, monkeypatch):
+def test_fuse_without_fusermount_falls_back_and_says_how_to_get_it(rehearse, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A fresh machine: /dev/fuse is there (a stand-in here, so this runs anywhere), fuse3 is
+    not installed. The rehearsal runs on plain directories and one line says how to get the
+    real stack."""
+    device = tmp_path / "dev-fuse"
+    device.touch()
+    monkeypatch.setattr(rehearse, "DEV_FUSE", device)
     which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None if name.startswith(
         "fusermount") else which(name, *args, **kwargs))
-    code = rehearse.main([TOY, "--workdir", str(tmp_path / "rh")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "apt-get install -y fuse3" in err
-    assert not (tmp_path / "rh").exists()
+    code, summary = rehearsal(rehearse, tmp_path / "rh", TOY, "--env", "TOTAL_STEPS=5")
+    out, err = capsys.readouterr()
+    assert code == 0 and summary["ok"] and err == ""
+    [line] = [line for line in out.splitlines() if "plain directories" in line]
+    assert line.startswith("rehearse: no FUSE here: fusermount3 (or fusermount) is not on PATH")
+    assert "sudo apt-get install -y fuse3" in line and "`make setup` as root" in line
+    assert str(device) not in line  # the device is there: only what is missing is named
+    assert summary["storage"]["backend"] == "plain" and summary["storage"]["note"] in line
+    bucket = tmp_path / "rh" / "buckets" / "skyspot-toy-ckpt"
+    assert summary["mounts"]["/ckpt"]["nodes"][0]["local"] == str(bucket)
+    run = summary["attempts"][0]["run_name"]
+    assert f"toy/{run}/step-00000005/manifest.json" in bucket_files(summary, "skyspot-toy-ckpt")
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ REMOTE = "skyspot-local"
 MOUNT_CACHED = "MOUNT_CACHED"
 MOUNT = "MOUNT"
 MODES = (MOUNT_CACHED, MOUNT)
-FUSE_INSTALL_HINT = "install it with: sudo apt-get install -y fuse3"
+DEV_FUSE = Path("/dev/fuse")
+# How to get fusermount3; `make setup` does this itself when run as root with apt-get.
+FUSE_INSTALL_HINT = "install it: sudo apt-get install -y fuse3, or `make setup` as root"
 
 # Flags of SkyPilot's MOUNT_CACHED command that only make sense on a VM (daemonising, its log
 # location, other users' access) or that we set per mount ourselves (--cache-dir).
@@ -114,14 +116,19 @@ _POLL_S = 0.05
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's rules; serve s3 checks
 
 
-def fuse_available() -> tuple[bool, str]:
-    """(ok, reason): /dev/fuse exists and fusermount3 (or fusermount) is on PATH."""
-    if not Path("/dev/fuse").exists():
-        return False, ("/dev/fuse is missing: this machine (or container) has no FUSE; run "
-                       "on a host with the fuse module, or a container with --device /dev/fuse")
+def fuse_available(dev: Path = DEV_FUSE) -> tuple[bool, str]:
+    """(ok, reason): ``dev`` (/dev/fuse) exists and fusermount3 (or fusermount) is on PATH.
+
+    The reason names everything that is missing, each with how to get it, in one line.
+    """
+    missing = []
+    if not Path(dev).exists():
+        missing.append(f"{dev} is missing (run on a host with the fuse module, or in a "
+                       "container with --device /dev/fuse)")
     if _fusermount() is None:
-        return False, f"/dev/fuse exists but fusermount3 (or fusermount) is not on PATH; " \
-                      f"{FUSE_INSTALL_HINT}"
+        missing.append(f"fusermount3 (or fusermount) is not on PATH ({FUSE_INSTALL_HINT})")
+    if missing:
+        return False, " and ".join(missing)
     return True, "FUSE available"
 
 

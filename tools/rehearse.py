@@ -28,8 +28,9 @@ What it emulates, and where it deliberately differs from a real managed job:
   ``RCLONE_CONFIG`` (the store's remote ``skyspot-local``) and rclone on ``PATH``, so a trainer
   can list the bucket behind its mount, as skyspot.durability does. Mounts are made before an
   attempt's nodes start and stay up across attempts unless a fault takes the VM.
-  Without FUSE (no ``/dev/fuse``, or ``--no-fuse``) buckets fall back to plain directories
-  ``WORKDIR/buckets/<bucket>`` shared by every node: no upload lag, and a lost VM loses nothing.
+  Without FUSE (no ``/dev/fuse``, no ``fusermount3``, or ``--no-fuse``) buckets fall back to
+  plain directories ``WORKDIR/buckets/<bucket>`` shared by every node: no upload lag, and a
+  lost VM loses nothing; one line says so and how to get FUSE.
 * SkyPilot appends a wait to ``run:`` on clusters with MOUNT_CACHED mounts
   (``TaskCodeGen.get_rclone_flush_script``): the job ends only once rclone has uploaded
   everything. Rehearse appends the same wait, asking each mount's rclone (``vfs/stats``) every
@@ -1689,7 +1690,12 @@ def check_sources(recipe: Recipe) -> None:
 
 
 def choose_storage(args: argparse.Namespace, recipe: Recipe) -> tuple[bool, str | None]:
-    """(real buckets over FUSE?, the one line that says why not); BadInput if FUSE is broken."""
+    """(real buckets over FUSE?, the one line that says why not and how to get them).
+
+    Without /dev/fuse or fusermount3 (a fresh machine: fuse3 is not installed by default)
+    the rehearsal still runs, on plain directories; the line names what is missing and how
+    to get it. BadInput only for what no fallback fixes (rclone missing, a bad bucket name).
+    """
     if not recipe.storage_mounts:
         return False, None
     fallback = ("buckets are plain directories under WORKDIR/buckets shared by every node: no "
@@ -1697,11 +1703,9 @@ def choose_storage(args: argparse.Namespace, recipe: Recipe) -> tuple[bool, str 
                 + ("; --bwlimit has no effect" if args.bwlimit else ""))
     if args.no_fuse:
         return False, f"--no-fuse: {fallback}"
-    if not DEV_FUSE.exists():
-        return False, f"no FUSE here ({DEV_FUSE} is missing): {fallback}"
-    ok, why = localstore.fuse_available()
+    ok, why = localstore.fuse_available(DEV_FUSE)
     if not ok:
-        raise BadInput(f"{why} (or pass --no-fuse to rehearse on plain directories)")
+        return False, f"no FUSE here: {why}; {fallback}"
     try:
         localstore.rclone_binary()
     except FileNotFoundError as err:
