@@ -139,19 +139,24 @@ def write_file(directory: Path, name: str, payload: Any) -> FileEntry:
     safetensors; anything else through ``torch.save``.
     """
     path = directory / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "xb") as raw:  # "x": never overwrite; every save has a fresh directory
-        out = _HashingWriter(raw)
-        if name.endswith(".safetensors"):
-            payload = safetensors.torch.save(payload, metadata={"format": "pt"})
-        if isinstance(payload, bytes | bytearray | memoryview):
-            view = memoryview(payload)
-            for start in range(0, len(view), _CHUNK):
-                out.write(view[start : start + _CHUNK])
-        else:
-            torch.save(payload, out)
-        raw.flush()
-        os.fsync(raw.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as raw:  # "x": never overwrite; every save has a fresh directory
+            out = _HashingWriter(raw)
+            if name.endswith(".safetensors"):
+                payload = safetensors.torch.save(payload, metadata={"format": "pt"})
+            if isinstance(payload, bytes | bytearray | memoryview):
+                view = memoryview(payload)
+                for start in range(0, len(view), _CHUNK):
+                    out.write(view[start : start + _CHUNK])
+            else:
+                torch.save(payload, out)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except OSError as err:
+        if err.filename is None:  # write() and fsync() errors name no file: say which
+            err.filename = str(path)
+        raise
     if delay := float(os.environ.get(WRITE_DELAY_ENV) or 0):
         time.sleep(delay)
     return FileEntry(name, out.size, out.hash.hexdigest())

@@ -239,6 +239,7 @@ class RunLease:
                     self.path)
 
     def _beat(self) -> None:
+        failures = 0
         while not self._stop.wait(self.heartbeat_s):
             try:
                 # The file system's view: no subprocess here (see the module docstring).
@@ -251,7 +252,9 @@ class RunLease:
                 self.me = Owner(**{**asdict(self.me), "heartbeat": time.time()})
                 self._write(self.me)
             except OSError as err:  # a full disk must not kill training; the TTL covers it
-                log.warning("lease heartbeat failed: %s", err)
+                # Once: the save that hits the same disk reports it, in one line of its own.
+                (log.debug if failures else log.warning)("lease heartbeat failed: %s", err)
+                failures += 1
 
     def check(self) -> None:
         """Raise LeaseLost unless this process still owns the run."""
@@ -271,6 +274,6 @@ class RunLease:
                 seen = self.read()
                 if seen is not None and seen.id == self.me.id:
                     self.path.unlink(missing_ok=True)
-            except OSError as err:
-                log.warning("could not release %s: %s (the next trainer waits %.0fs)",
-                            self.path, err, self.ttl_s)
+            except OSError as err:  # a full or read-only disk, already reported by the caller
+                log.debug("could not release %s: %s (the next trainer waits %.0fs)",
+                          self.path, err, self.ttl_s)
