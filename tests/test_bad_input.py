@@ -66,7 +66,9 @@ def test_resume_from_a_corrupt_checkpoint_is_refused_and_kept(tiny_assets, tmp_p
     newest = sorted((existing_run / "t").glob("step-*"))[-1]
     (newest / "optimizer.pt").write_bytes(b"garbage")
     before = _tree_digest(existing_run)
-    result = _lm(lm_args(tiny_assets, existing_run, resume_from=newest, max_steps=12), tmp_path)
+    # A new run seeded from it: it has no checkpoint of its own, so the seed must be used.
+    result = _lm(lm_args(tiny_assets, existing_run, run_name="seeded", resume_from=newest,
+                         max_steps=8), tmp_path)
     assert result.returncode == 2
     line = _one_error_line(result)
     assert str(newest) in line and "optimizer.pt has 7 bytes" in line
@@ -77,7 +79,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_assets, tmp_pa
                                                              existing_run):
     newest = sorted((existing_run / "t").glob("step-*"))[-1]
     (newest / MANIFEST).write_text("{")
-    result = _lm(lm_args(tiny_assets, existing_run, max_steps=10), tmp_path)
+    result = _lm(lm_args(tiny_assets, existing_run, max_steps=8), tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     warning = [line for line in result.stderr.splitlines() if "skipping checkpoint" in line]
     assert len(warning) == 1 and str(newest) in warning[0] and "unreadable" in warning[0]

@@ -15,6 +15,11 @@ What it guarantees:
 - Resume is bit-exact: with the same seed and world size, any number of interruptions
   (SIGTERM, or SIGKILL at any instant) ends with the same model.safetensors as an
   uninterrupted run on CPU.
+- A nan/inf loss or gradient norm is caught before the optimizer step, on every rank alike:
+  the step is skipped (--skip-nonfinite-steps) or the run stops with one line and exit 3.
+  No checkpoint and no final model ever holds nan/inf.
+- A full disk or a read-only mount ends the run with one line naming the path; the
+  committed checkpoints and a previous final model stay whole.
 
 Reads top to bottom: config -> build -> resume -> loop -> save.
 """
@@ -22,10 +27,14 @@ Reads top to bottom: config -> build -> resume -> loop -> save.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
+import errno
 import itertools
+import json
 import logging
+import math
 import os
 import random
 import re
@@ -44,15 +53,33 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from skyspot import PREEMPTED_EXIT_CODE, skyenv  # noqa: E402
-from skyspot.checkpoint import Checkpointer, CheckpointError, Committed  # noqa: E402
+from skyspot.checkpoint import (  # noqa: E402
+    FORMAT,
+    MANIFEST,
+    Checkpointer,
+    CheckpointError,
+    Committed,
+    parse_dir_name,
+    step_dirs,
+)
 from skyspot.events import EventLog  # noqa: E402
 from skyspot.launch import mark_preempted  # noqa: E402
+from skyspot.lease import RunLease  # noqa: E402
 from skyspot.preemption import Preemption  # noqa: E402
 
 log = logging.getLogger("train.lm")
 
 # Consecutive skipped periodic checkpoints (previous one still uploading) before a warning.
 SKIPS_BEFORE_WARNING = 10
+# Exit codes besides 0, 2 (bad input or an unusable checkpoint) and 143 (preempted, saved):
+# the loss or gradients became nan/inf (not 143: a recovery would only diverge again), and
+# a failure of the environment such as a full disk or a read-only mount.
+DIVERGED_EXIT_CODE = 3
+IO_ERROR_EXIT_CODE = 1
+# Fault injection for tests: "STEP[@RANK],..." adds nan to the loss (its value only, the
+# gradients stay finite) of optimizer step STEP, on every rank or on RANK only, once per
+# entry ("5,5" for two attempts at step 5). Never set in production.
+NAN_AT_STEP_ENV = "SKYSPOT_FAULT_NAN_AT_STEP"
 
 
 # ----------------------------------------------------------------------------- config
@@ -74,6 +101,10 @@ class Config:
     lr: float = 3e-4
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
+    skip_nonfinite_steps: int = field(default=0, metadata={
+        "help": "skip an optimizer step whose loss or gradient norm is nan/inf (no update, "
+                "not counted; its data is not retried), up to N in a row; past that, or with "
+                "0, the run stops with exit 3 and saves nothing of the bad step"})
     warmup_steps: int = 100
     max_steps: int = 1000
     seed: int = 0
@@ -90,6 +121,10 @@ class Config:
                 "about one upload behind)"})
     run_name: str = field(default="", metadata={"help": "default: from SKYPILOT_MANAGED_JOB_ID"})
     resume_from: str = field(default="", metadata={"help": "a step-N dir; default: newest valid"})
+    allow_config_change: list[str] = field(default_factory=list, metadata={
+        "help": "resume although this setting differs from the checkpoint's, and apply it "
+                "(repeatable, or comma-separated: lr,weight-decay); without it a changed "
+                "setting is refused"})
     durable_wait_seconds: float = field(
         default=120.0, metadata={"help": "at exit, wait this long for the last checkpoint to "
                                  "reach the bucket (MOUNT_CACHED uploads after close)"})
@@ -117,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=f.metadata.get("help"))
+        elif f.type == "list[str]":
+            parser.add_argument(flag, action="append", default=None, metavar="NAME",
+                                help=f.metadata.get("help"))
         else:
             parser.add_argument(flag, type={"int": int, "float": float}.get(f.type, str),
                                 default=f.default, choices=f.metadata.get("choices"),
@@ -125,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    cfg = Config(**vars(build_parser().parse_args(argv)))
+    args = vars(build_parser().parse_args(argv))
+    args["allow_config_change"] = _allowed_changes(args["allow_config_change"] or [])
+    cfg = Config(**args)
     for name in ("model", "dataset", "checkpoint_dir"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name.replace('_', '-')} is required")
@@ -133,10 +173,166 @@ def parse_config(argv: list[str] | None = None) -> Config:
                  "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    for name, (low, low_ok, high) in _RANGES.items():
+        value = getattr(cfg, name)
+        allowed = (f"between {low} and {high}" if high is not None
+                   else f"{'>=' if low_ok else '>'} {low}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{_flag(name)} must be a finite number {allowed} (got {value})")
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            raise ConfigError(f"{_flag(name)} must be {allowed} (got {value})")
     if cfg.keep_last < 2:
         raise ConfigError(f"--keep-last must be at least 2 (got {cfg.keep_last}): the newest "
                           "checkpoint may be torn by a kill, the one before is the fallback")
     return cfg
+
+
+# Settings that alter the math of a run. Every checkpoint records them (meta["config"]); a
+# resume whose value differs is refused unless --allow-config-change names the setting.
+SETTINGS = ("model", "dataset", "text_column", "seq_len", "batch_size", "grad_accum", "lr",
+            "warmup_steps", "max_steps", "weight_decay", "max_grad_norm", "seed",
+            "mixed_precision")
+
+# Allowed values of the numeric flags not checked for >= 1 above: name -> (lowest, whether
+# the lowest itself is allowed, highest or None). Every float flag is here (nan and inf
+# are refused); numpy, seeded by accelerate's set_seed, takes a 32-bit seed.
+_RANGES = {
+    "lr": (0, False, None), "weight_decay": (0, True, None), "max_grad_norm": (0, False, None),
+    "warmup_steps": (0, True, None), "seed": (0, True, 2**32 - 1),
+    "checkpoint_every_minutes": (0, True, None), "durable_wait_seconds": (0, True, None),
+    "notice_poll_seconds": (0, True, None),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _allowed_changes(values: list[str]) -> list[str]:
+    """--allow-config-change values (repeated, comma-separated, with - or _) as SETTINGS names."""
+    names = []
+    for value in values:
+        for part in value.split(","):
+            name = part.strip().removeprefix("--").replace("-", "_")
+            if not name:
+                continue
+            if name not in SETTINGS:
+                raise ConfigError(
+                    f"--allow-config-change {part.strip()}: not a setting a checkpoint records; "
+                    f"valid: {', '.join(s.replace('_', '-') for s in SETTINGS)}")
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def settings_record(cfg: Config) -> dict:
+    """The settings a checkpoint records in its meta, as "config"."""
+    return {name: getattr(cfg, name) for name in SETTINGS}
+
+
+def _same_setting(name: str, old, new) -> bool:
+    if old == new:
+        return True
+    if name in ("model", "dataset") and isinstance(old, str) and isinstance(new, str):
+        # One local file or directory named two ways (./data and /abs/data) is no change.
+        with contextlib.suppress(OSError):
+            return Path(old).exists() and Path(old).resolve() == Path(new).resolve()
+    return False
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def check_resume(cfg: Config, path: Path, step: int, manifest: dict, world: int,
+                 ) -> list[tuple[str, object, object]] | None:
+    """Refuse to resume from checkpoint ``path`` (at ``step``) in a way that would change
+    the run silently: a --max-steps below its step (even if allowed), another world size,
+    or a setting that differs from the one it recorded and --allow-config-change does not
+    name. One line each. Returns the accepted changes as (name, old, new), or None for a
+    checkpoint written before settings were recorded (only the global batch is checked)."""
+    meta = manifest.get("meta") or {}
+    if cfg.max_steps < step:
+        raise ConfigError(f"--max-steps {cfg.max_steps} is below step {step} of checkpoint "
+                          f"{path}, which this run resumes from; pass --max-steps {step} or "
+                          "more, or use a new --run-name")
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    if manifest["world_size"] != world:
+        raise CheckpointError(
+            f"checkpoint {path} was written with world size "
+            f"{manifest['world_size']} (global batch {meta.get('global_batch')}); this run "
+            f"has world size {world} (global batch {global_batch}). Elastic resume is not "
+            "supported yet: relaunch with the same number of processes, or use a new "
+            "--run-name")
+    recorded = meta.get("config")
+    if not isinstance(recorded, dict):
+        if meta.get("global_batch") != global_batch:
+            raise CheckpointError(
+                f"checkpoint {path} was written with global batch {meta.get('global_batch')} "
+                f"(--batch-size x --grad-accum x world size {world}); this run has "
+                f"{global_batch}: relaunch with the checkpoint's --batch-size and "
+                "--grad-accum, or use a new --run-name")
+        return None
+    changes = [(name, recorded[name], getattr(cfg, name)) for name in SETTINGS
+               if name in recorded and not _same_setting(name, recorded[name], getattr(cfg, name))]
+    refused = [change for change in changes if change[0] not in cfg.allow_config_change]
+    if refused:
+        (name, old, new), *more = refused
+        what = f"{_flag(name)} changed from {_show(old)} (checkpoint {path}) to {_show(new)}"
+        what += "".join(f", {_flag(n)} from {_show(o)} to {_show(v)}" for n, o, v in more)
+        names = ",".join(n.replace("_", "-") for n, _, _ in refused)
+        raise ConfigError(f"{what}; pass --allow-config-change {names} to apply "
+                          f"{'them' if more else 'it'}, or use a new --run-name")
+    return changes
+
+
+def check_resume_early(cfg: Config, run_dir: Path) -> None:
+    """check_resume before anything is loaded, built or written, against the checkpoint the
+    run will most likely resume from: its newest one whose manifest reads and whose files
+    have the listed sizes, else --resume-from. Checksums are verified only when the resume
+    point is chosen, after the build, and check_resume runs again there on that one."""
+    candidates = [path for _, _, path in step_dirs(run_dir)]
+    if cfg.resume_from:
+        candidates.append(Path(cfg.resume_from))
+    for path in candidates:
+        parsed = parse_dir_name(path.name)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            if (not parsed or manifest["format"] != FORMAT or manifest["step"] != parsed[0]
+                    or not isinstance(manifest["meta"], dict)):
+                continue
+            if all((path / entry["path"]).stat().st_size == entry["size"]
+                   for entry in manifest["files"]):
+                world = int(os.environ.get("WORLD_SIZE") or 1)  # as torchrun/accelerate set it
+                check_resume(cfg, path, parsed[0], manifest, world)
+                return
+        except (OSError, ValueError, LookupError, TypeError, AttributeError):
+            continue
+
+
+def apply_setting_changes(changes: list[tuple[str, object, object]], cfg: Config, scheduler,
+                          recorded: dict, consumed: int) -> int:
+    """Make the accepted changes hold from the first resumed step, after the optimizer's and
+    scheduler's state were loaded; returns the micro-batches of the epoch already consumed.
+
+    That state carries the checkpoint's lr and weight decay (scheduler.base_lrs, each
+    group's initial_lr, lr and weight_decay): they are set from cfg, and the lr of the step
+    about to run is recomputed with the schedule, which is built from cfg's warmup and max
+    steps. A --batch-size or --seq-len change keeps the position in the epoch in tokens, not
+    micro-batches. The rest (data, model, the seed of the data order, precision, clipping,
+    accumulation) is built from cfg already."""
+    names = {name for name, _, _ in changes}
+    if names & {"lr", "weight_decay", "warmup_steps", "max_steps"}:
+        groups = scheduler.optimizer.param_groups
+        scheduler.base_lrs = [cfg.lr] * len(groups)
+        for group, schedule in zip(groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = cfg.lr
+            group["weight_decay"] = cfg.weight_decay
+            group["lr"] = cfg.lr * schedule(scheduler.last_epoch)  # as LambdaLR.get_lr
+        scheduler._last_lr = [group["lr"] for group in groups]
+    if names & {"batch_size", "seq_len"}:
+        consumed = (consumed * recorded["batch_size"] * recorded["seq_len"]
+                    // (cfg.batch_size * cfg.seq_len))
+    return consumed
 
 
 # ----------------------------------------------------------------------------- data
@@ -145,9 +341,8 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_text(name: str, column: str):
-    import datasets
-
+def dataset_files(name: str) -> list[Path] | None:
+    """The local files --dataset names (None for a hub id), checked without reading them."""
     path = Path(name)
     if path.exists():
         files = [path] if path.is_file() else sorted(
@@ -156,19 +351,190 @@ def load_text(name: str, column: str):
         if not files or None in kinds or len(kinds) > 1:
             raise ConfigError(f"--dataset {name}: need .txt, .jsonl/.json or .parquet files "
                               "(one kind)")
-        ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
-    elif _HUB_ID.match(name) and not name.startswith("."):
+        for file in files:
+            if file.stat().st_size == 0:
+                raise ConfigError(f"--dataset {file}: the file is empty")
+        return files
+    if _HUB_ID.match(name) and not name.startswith("."):
+        return None
+    raise ConfigError(f"--dataset {name}: no such file or directory")
+
+
+def load_text(name: str, column: str):
+    """The dataset, every row of whose ``column`` is a string; a bad row is a ConfigError
+    naming it (file and line for local files). Checked on the Arrow table, before any
+    tokenizing: the column's type and null count, no pass over the rows in Python."""
+    import datasets
+
+    files = dataset_files(name)
+    if files is not None:
+        quiet = not datasets.are_progress_bars_disabled()
+        verbosity = datasets.logging.get_verbosity()
+        # A file that fails to load makes datasets log an error and leave a progress bar
+        # behind: the one line that says which row is wrong is ours.
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(logging.CRITICAL)
+        try:
+            ds = datasets.load_dataset(_LOADERS[files[0].suffix],
+                                       data_files=[str(p) for p in files], split="train")
+        except Exception as err:  # bad UTF-8, a broken JSON line, mixed kinds of rows
+            raise ConfigError(first_bad_row(files, column) or
+                              f"--dataset {name}: could not be loaded: {_first_line(err)}"
+                              ) from err
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+            if quiet:
+                datasets.enable_progress_bars()
+    else:
         try:
             ds = datasets.load_dataset(name, split="train")
         except Exception as err:  # offline, gated, misspelt: one line, not a traceback
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"--dataset {name}: could not load from the hub: {first}") from err
-    else:
-        raise ConfigError(f"--dataset {name}: no such file or directory")
     if column not in ds.column_names:
         raise ConfigError(f"--dataset {name} has no column {column!r} (columns: "
                           f"{', '.join(ds.column_names)}); pass --text-column")
+    if len(ds) == 0:
+        raise ConfigError(f"--dataset {name}: no rows")
+    feature = ds.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ConfigError((files and first_bad_row(files, column)) or
+                          f"--dataset {name}: column {column!r} holds {feature}, not strings")
+    values = ds.data.table.column(column)
+    if values.null_count:
+        import pyarrow.compute as pc
+
+        row = pc.index(pc.is_null(values), True).as_py() + 1
+        raise ConfigError((files and first_bad_row(files, column)) or
+                          f"--dataset {name}: row {row}: {column!r} is null")
+    row = _invalid_utf8_row(values)  # Arrow's JSON reader takes bad UTF-8 as it is
+    if row is not None:
+        raise ConfigError((files and first_bad_row(files, column)) or
+                          f"--dataset {name}: row {row + 1}: {column!r} is not UTF-8 text")
     return ds
+
+
+def _invalid_utf8_row(values) -> int | None:
+    """Index of the first string in the Arrow ``values`` that is not valid UTF-8, or None.
+    Arrow's full validation, in C++; a bad chunk is halved down to the row."""
+    import pyarrow as pa
+
+    first = 0
+    for chunk in values.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            low, high = 0, len(chunk)  # the first bad row is in [low, high)
+            while high - low > 1:
+                middle = (low + high) // 2
+                try:
+                    chunk.slice(low, middle - low).validate(full=True)
+                    low = middle
+                except pa.ArrowInvalid:
+                    high = middle
+            return first + low
+        first += len(chunk)
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    cause = err.__cause__ or err.__context__
+    if type(err).__name__ == "DatasetGenerationError" and cause is not None:
+        return _first_line(cause)  # not "An error occurred while generating the dataset"
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def first_bad_row(files: list[Path], column: str) -> str | None:
+    """Where the first unusable row of these local files is, and what is wrong with it:
+    "--dataset FILE: line N: WHAT". Reads them a line (a Parquet row group) at a time, and
+    only after loading them failed or found a bad row; None if nothing is found."""
+    for file in files:
+        kind = _LOADERS[file.suffix]
+        problem = _parquet_problem(file, column) if kind == "parquet" else (
+            _lines_problem(file, column, json_rows=kind == "json"))
+        if problem:
+            return f"--dataset {file}: {problem}"
+    return None
+
+
+def _lines_problem(file: Path, column: str, json_rows: bool) -> str | None:
+    rows = 0
+    with open(file, "rb") as reader:
+        for number, raw in enumerate(reader, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                        f"position {err.start + 1})")
+            if not json_rows or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if rows == 0 and file.suffix == ".json":
+                    return _json_document_problem(file, column)  # one JSON value, not lines
+                return f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
+            rows += 1
+            if not isinstance(record, dict):
+                return f"line {number}: {_json_kind(record)}, not a JSON object"
+            if column not in record:
+                return f"line {number}: no {column!r} field"
+            if not isinstance(record[column], str):
+                return f"line {number}: {column!r} is {_json_kind(record[column])}, not a string"
+    return "no rows (only blank lines)" if json_rows and rows == 0 else None
+
+
+def _json_document_problem(file: Path, column: str) -> str | None:
+    """A .json file holding one JSON document (a list of records), read whole: that is how
+    datasets reads it too."""
+    try:
+        document = json.loads(file.read_bytes())
+    except json.JSONDecodeError as err:
+        return f"line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
+    records = document if isinstance(document, list) else []
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            return f"record {number}: {_json_kind(record)}, not a JSON object"
+        if not isinstance(record.get(column), str):
+            what = _json_kind(record[column]) if column in record else "missing"
+            return f"record {number}: {column!r} is {what}, not a string"
+    return None
+
+
+def _parquet_problem(file: Path, column: str) -> str | None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+        schema = parquet.schema_arrow
+        if column not in schema.names:
+            return f"no column {column!r}"
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return f"column {column!r} is {kind}, not strings"
+        first = 0
+        for group in range(parquet.num_row_groups):
+            values = parquet.read_row_group(group, columns=[column]).column(column)
+            if values.null_count:
+                row = first + pc.index(pc.is_null(values), True).as_py() + 1
+                return f"row {row}: {column!r} is null"
+            first += len(values)
+    except (OSError, pa.ArrowException) as err:
+        return f"not a readable Parquet file ({_first_line(err)})"
+    return None
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
+                       (str, "a string"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def pack(ds, tokenizer, column: str, seq_len: int) -> torch.Tensor:
@@ -237,6 +603,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resume_needs(manifest: dict) -> list[str]:
+    """The files a resume reads; a manifest that lists fewer, or lacks the position in the
+    data, is not this trainer's checkpoint and is skipped (skyspot.checkpoint.verify)."""
+    meta = manifest["meta"]
+    absent = [key for key in ("step", "epoch", "consumed", "tokens", "global_batch")
+              if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool)]
+    if absent:
+        raise ValueError(f"meta has no integer {', '.join(absent)}")
+    ranks = [f"rng-rank{rank}.pt" for rank in range(manifest["world_size"])]
+    return ["model.pt", "optimizer.pt", "scheduler.pt", *ranks]
+
+
 def preflight_checkpoint_dir(run_dir: Path) -> None:
     """Fail now, in one line, if checkpoints can't be written, not after an hour of training."""
     try:
@@ -250,22 +628,157 @@ def preflight_checkpoint_dir(run_dir: Path) -> None:
 
 
 def publish(staging: Path, output_dir: Path) -> None:
-    """Copy every file of ``staging`` into ``output_dir`` with plain sequential writes.
+    """Copy every file of ``staging`` into ``output_dir``. No final name ever holds a partial
+    file, and a publish that fails leaves what was there (a previous attempt's model) whole.
 
     save_pretrained can't write into a MOUNT bucket (goofys, gcsfuse, blobfuse2) directly:
-    safetensors preallocates its file with ftruncate, which those mounts refuse (EPERM).
-    A file that is already there (a previous attempt's) is overwritten whole. The caller
-    stages in $TMPDIR, which needs room for one copy of the model on local disk.
+    safetensors preallocates its file with ftruncate, which those mounts refuse (EPERM). So
+    each file is copied with plain sequential writes to a temporary name next to its final
+    one (``.<name>.tmp-<pid>``) and fsynced; once every file is written, each is renamed onto
+    its final name (on a bucket a rename is copy + delete, which still never shows a partial
+    object under the final name). On a failure (a full disk, a read-only mount) the temporary
+    files are removed and the OSError is raised, naming the final path. The caller stages in
+    $TMPDIR, which needs room for one copy of the model on local disk; ``output_dir`` needs
+    room for the new copy next to a previous one.
     """
-    for src in sorted(staging.rglob("*")):
-        if not src.is_file():
-            continue
-        dst = output_dir / src.relative_to(staging)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as reader, open(dst, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 8 << 20)  # bytes per write
-            writer.flush()
-            os.fsync(writer.fileno())
+    written: list[tuple[Path, Path]] = []  # (temporary, final)
+    try:
+        for src in sorted(staging.rglob("*")):
+            if not src.is_file():
+                continue
+            dst = output_dir / src.relative_to(staging)
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            with _named(dst, tmp):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with open(src, "rb") as reader, open(tmp, "wb") as writer:
+                    written.append((tmp, dst))
+                    shutil.copyfileobj(reader, writer, 8 << 20)  # bytes per write
+                    writer.flush()
+                    os.fsync(writer.fileno())
+        for tmp, dst in written:
+            with _named(dst, tmp):
+                os.replace(tmp, dst)
+    except BaseException:
+        for tmp, _ in written:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _named(dst: Path, tmp: Path):
+    """An OSError about ``tmp``, or about no file (a write() that hits ENOSPC names none),
+    is reported as one about ``dst``: the name the user knows."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None or str(err.filename) == str(tmp):
+            err.filename, err.filename2 = str(dst), None
+        raise
+
+
+class Diverged(Exception):
+    """The loss, the gradients or the weights became nan/inf: one line, exit 3."""
+
+
+class IOFailure(Exception):
+    """A write failed for a reason of the environment (a full disk, a read-only mount): one
+    line naming the path, what happened and what to do; exit 1."""
+
+
+def describe_os_error(err: OSError, path: Path | str | None = None, where: str = "") -> str:
+    """One line: 'no space left on device (ENOSPC) writing /ckpt/t/events: free space in the
+    checkpoint dir /ckpt/t'. ``path`` stands in when the error names no file (a write() that
+    hits ENOSPC names none); ``where`` (what the path is) turns on the advice."""
+    reason = err.strerror or str(err) or type(err).__name__
+    line = reason[:1].lower() + reason[1:]
+    if err.errno in errno.errorcode:
+        line += f" ({errno.errorcode[err.errno]})"
+    target = err.filename if err.filename is not None else path
+    if target is not None:
+        line += f" writing {target}" if where else f": {target}"
+    if where and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += f": free space in {where}, or use another one"
+    elif where and err.errno == errno.EROFS:
+        line += f": {where} is mounted read-only"
+    return line
+
+
+@contextlib.contextmanager
+def io_errors(path: Path, where: str):
+    """Writes inside that fail with an OSError raise IOFailure (see describe_os_error)."""
+    try:
+        yield
+    except OSError as err:
+        raise IOFailure(describe_os_error(err, path, where)) from err
+
+
+def wrapped_os_error(err: Exception, path: Path) -> OSError | None:
+    """The OS error that a library reports in its message only: safetensors raises
+    SafetensorError('Error while serializing: I/O error: No space left on device (os error
+    28)') on a full disk."""
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    return OSError(int(match[1]), os.strerror(int(match[1])), str(path)) if match else None
+
+
+def nan_faults(rank: int) -> dict[int, int]:
+    """{optimizer step: times its loss is made nan on this rank} from NAN_AT_STEP_ENV."""
+    faults: dict[int, int] = {}
+    for entry in os.environ.get(NAN_AT_STEP_ENV, "").replace(" ", "").split(","):
+        if entry:
+            at, _, only = entry.partition("@")
+            if not only or int(only) == rank:
+                faults[int(at)] = faults.get(int(at), 0) + 1
+    return faults
+
+
+def nonfinite_at_step(accelerator, loss: torch.Tensor, grad_norm, check_grad: bool,
+                      ) -> str | None:
+    """What is nan/inf at this optimizer step on any rank ('the loss (on 1 of 2 ranks) and
+    the gradient norm'), else None. Each rank has a loss of its own, so the verdict is agreed
+    in one all-reduce of two flags (the norm of all-reduced gradients is the same everywhere
+    already); reading it is this optimizer step's one host sync."""
+    bad_norm = (~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+                if check_grad and grad_norm is not None  # DeepSpeed clips itself: None
+                else torch.zeros_like(loss, dtype=torch.bool))
+    flags = torch.stack([~torch.isfinite(loss), bad_norm]).float()
+    world = accelerator.num_processes
+    if world > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    bad_loss, bad_norm = (round(value) for value in flags.tolist())
+    what = []
+    if bad_loss:
+        what.append("the loss" + (f" (on {bad_loss} of {world} ranks)" if world > 1 else ""))
+    if bad_norm:
+        what.append("the gradient norm")
+    return " and ".join(what) or None
+
+
+def state_is_finite(accelerator, model, optimizer) -> bool:
+    """Whether every weight and optimizer-state tensor is finite on every rank: checked
+    before each save, so that no checkpoint and no final model ever holds nan/inf (an
+    optimizer step can overflow weights that finite gradients led to)."""
+    tensors = [p.detach() for p in model.parameters()]
+    tensors += [value for state in optimizer.state.values() for value in state.values()
+                if torch.is_tensor(value) and value.is_floating_point()]
+    device = accelerator.device
+    bad = torch.zeros(1, device=device)
+    if tensors:
+        finite = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all().to(device)
+                  for t in tensors]  # a DTensor's own shard
+        bad = (~torch.stack(finite).all()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
+
+
+def newest_committed(run_dir: Path) -> Path | None:
+    """The newest checkpoint directory with a manifest. Not verified again: on a bucket
+    mount that would download it, and only an error message needs it."""
+    for _, _, path in step_dirs(run_dir):
+        if (path / MANIFEST).exists():
+            return path
+    return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -277,7 +790,15 @@ def train(cfg: Config) -> int:
     if not run_name:
         raise ConfigError("--run-name is required outside a SkyPilot managed job")
     run_dir = Path(cfg.checkpoint_dir) / run_name
+    dataset_files(cfg.dataset)  # a missing dataset is that, not a changed --dataset
+    check_resume_early(cfg, run_dir)  # refused now, it costs nothing and touches nothing
     preflight_checkpoint_dir(run_dir)
+    # One writer per run (a second launch, a zombie from a lost node): refused here, before
+    # it writes anything. Global rank 0 holds the lease; released at exit, however it exits.
+    lease = RunLease(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lease is not None:
+        lease.acquire()
+        atexit.register(lease.release)
     dataset = load_text(cfg.dataset, cfg.text_column)
 
     import transformers
@@ -336,30 +857,41 @@ def train(cfg: Config) -> int:
                     **{"async": saved.async_save})
 
     checkpointer = Checkpointer(run_dir, keep_last=cfg.keep_last,
-                                async_save=cfg.async_checkpoint, on_commit=on_commit)
+                                async_save=cfg.async_checkpoint, on_commit=on_commit,
+                                required=resume_needs, owner=lease)
 
     # --- resume --------------------------------------------------------------------
     step, epoch, consumed, tokens = 0, 0, 0, 0
     resume = checkpointer.resume_point(Path(cfg.resume_from) if cfg.resume_from else None)
     if resume is not None:
         meta = resume.meta
-        if resume.manifest["world_size"] != world or meta["global_batch"] != global_batch:
-            raise CheckpointError(
-                f"checkpoint {resume.path} was written with world size "
-                f"{resume.manifest['world_size']} (global batch {meta['global_batch']}); this run "
-                f"has world size {world} (global batch {global_batch}). Elastic resume is not "
-                "supported yet: relaunch with the same number of processes, or use a new "
-                "--run-name")
-        accelerator.unwrap_model(model).load_state_dict(resume.load("model.pt"))
+        # Again, on the checkpoint actually chosen (check_resume_early could only guess it).
+        changes = check_resume(cfg, resume.path, resume.step, resume.manifest, world)
+        if changes is None:
+            log.warning("checkpoint %s records no settings (written before they were): --lr, "
+                        "--seq-len and the rest could not be checked against it", resume.path)
+        try:
+            accelerator.unwrap_model(model).load_state_dict(resume.load("model.pt"))
+        except RuntimeError as err:  # another architecture (an allowed --model change)
+            details = " ".join(str(err).split())[:300]
+            raise CheckpointError(f"checkpoint {resume.path}: its weights do not fit --model "
+                                  f"{cfg.model}: {details}") from err
         optimizer.load_state_dict(resume.load("optimizer.pt"))
         scheduler.load_state_dict(resume.load("scheduler.pt"))
         step, epoch, consumed, tokens = (meta[k] for k in ("step", "epoch", "consumed", "tokens"))
+        if changes:
+            consumed = apply_setting_changes(changes, cfg, scheduler, meta["config"], consumed)
+        for name, old, new in changes or []:
+            events.emit("config_change", name=name, old=old, new=new, step=step)
+            log.info("%s changed from %s (checkpoint %s) to %s: applied from step %d on",
+                     _flag(name), _show(old), resume.path, _show(new), step + 1)
     stream = micro_batches(loader, sampler, epoch, consumed)
     if resume is not None:
         # After building the stream: nothing between here and the first batch may draw
         # from the global RNG that an uninterrupted run would not draw from.
         set_rng_state(resume.load(f"rng-rank{accelerator.process_index}.pt"))
-        events.emit("resumed", step=step, path=str(resume.path))
+        events.emit("resumed", step=step, path=str(resume.path),
+                    lr=optimizer.param_groups[0]["lr"])  # the lr of the next step
         log.info("resumed from %s (step %d)", resume.path, step)
     events.emit("start", run_name=run_name, world_size=world, step=step,
                 global_batch=global_batch, pid=os.getpid())
@@ -373,19 +905,58 @@ def train(cfg: Config) -> int:
         events.flush()  # everything up to this save reaches the bucket before its manifest
         checkpointer.save(at_step, files, meta={
             "step": at_step, "epoch": epoch, "consumed": consumed, "tokens": tokens,
-            "global_batch": global_batch, "seed": cfg.seed, "run_name": run_name})
+            "global_batch": global_batch, "seed": cfg.seed, "run_name": run_name,
+            "config": settings_record(cfg)})
 
     # --- loop ----------------------------------------------------------------------
     tokens_per_step = global_batch * cfg.seq_len
     last_save, window_start, window_steps = time.monotonic(), time.monotonic(), 0
     skipped_in_a_row = 0  # periodic saves skipped since the last one taken
+    nonfinite_in_a_row, nonfinite_skipped = 0, 0  # optimizer steps skipped: nan/inf
+    # With fp16, GradScaler itself skips a step whose gradients overflowed and lowers the
+    # scale: routine, not divergence. There only a nan/inf loss counts.
+    check_grad = accelerator.scaler is None
+    faults = nan_faults(accelerator.process_index)
     running_loss = torch.zeros((), device=accelerator.device)
     progress = None
     if main_process and sys.stderr.isatty():
         from tqdm import tqdm
         progress = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True)
+
+    def save_finite(at_step: int) -> None:
+        """save(), never of nan/inf state; a failed write (events, files) is one line."""
+        if not state_is_finite(accelerator, model, optimizer):
+            stop_diverged(at_step, "the weights or the optimizer state are nan/inf after the "
+                                   "optimizer step")
+        with io_errors(run_dir, f"the checkpoint dir {run_dir}"):
+            save(at_step)
+
+    def stop_diverged(at_step: int, what: str) -> None:
+        """Raise Diverged on every rank together, having committed the save in flight (an
+        earlier step's, finite) and saved nothing of the state at hand."""
+        checkpointer.wait()
+        newest = [newest_committed(run_dir) if main_process else None]
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+            broadcast_object_list(newest)  # every node's first rank prints it
+        durable = checkpointer.wait_durable(cfg.durable_wait_seconds)
+        if progress is not None:
+            progress.close()
+        with io_errors(run_dir, f"the checkpoint dir {run_dir}"):
+            events.emit("diverged", step=at_step, what=what, skipped=nonfinite_skipped,
+                        newest_checkpoint=str(newest[0]) if newest[0] else None)
+            events.emit("exit", code=DIVERGED_EXIT_CODE, step=step, durable_step=durable)
+            events.close()
+        preemption.close()
+        raise Diverged(
+            f"training diverged at step {at_step}: {what}; nothing of that state was saved. "
+            f"Newest committed checkpoint: {newest[0] or 'none'}. Lower --lr (to resume with "
+            "it: --allow-config-change lr), or, for rare bad batches, pass "
+            "--skip-nonfinite-steps N to skip up to N such steps in a row")
+
     model.train()
     while step < cfg.max_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             epoch, consumed, batch = next(stream)
             batch = batch.to(accelerator.device)
@@ -393,20 +964,51 @@ def train(cfg: Config) -> int:
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum
+                if micro == 0 and faults.get(step + 1):  # NAN_AT_STEP_ENV: tests only
+                    faults[step + 1] -= 1
+                    loss = loss + float("nan")
                 accelerator.backward(loss)
-            running_loss += loss.detach()
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
-        window_steps += 1
-        events.emit("step", step=step, persist=False)
-        if progress is not None:
-            progress.update(1)
+            step_loss += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        # Before optimizer.step() could write nan/inf into the weights, with one verdict on
+        # every rank: a small all-reduce, and this optimizer step's one host sync.
+        nonfinite = nonfinite_at_step(accelerator, step_loss, grad_norm, check_grad)
+        advanced = nonfinite is None
+        if advanced:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            window_steps += 1
+            running_loss += step_loss
+            nonfinite_in_a_row = 0
+            events.emit("step", step=step, persist=False)
+            if progress is not None:
+                progress.update(1)
+        else:
+            what = f"{nonfinite} {'are' if ' and ' in nonfinite else 'is'} nan/inf"
+            if nonfinite_in_a_row >= cfg.skip_nonfinite_steps:
+                stop_diverged(step + 1, f"{what} before the optimizer step, which was not taken"
+                              + (f" ({nonfinite_in_a_row + 1} steps in a row, more than "
+                                 f"--skip-nonfinite-steps {cfg.skip_nonfinite_steps})"
+                                 if cfg.skip_nonfinite_steps > 0 else ""))
+            # Skipped: no update, and the step is not counted, so the schedule and
+            # --max-steps still count real updates. Its micro-batches stay consumed: the
+            # step is tried again on the next ones.
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.scaler is not None:
+                accelerator.scaler.update()  # clip_grad_norm_ unscaled: reset for the next try
+            nonfinite_in_a_row += 1
+            nonfinite_skipped += 1
+            log.warning("step %d: %s; optimizer step skipped (%d in a row, at most %d; %d in "
+                        "all)", step + 1, what, nonfinite_in_a_row, cfg.skip_nonfinite_steps,
+                        nonfinite_skipped)
+            events.emit("nonfinite_skipped", step=step + 1, what=nonfinite,
+                        in_a_row=nonfinite_in_a_row, total=nonfinite_skipped, epoch=epoch,
+                        consumed=consumed)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if advanced and (step % cfg.log_every == 0 or step == cfg.max_steps):
             mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / window_steps
             elapsed = time.monotonic() - window_start
             rate = window_steps * tokens_per_step / max(elapsed, 1e-9)
@@ -420,20 +1022,20 @@ def train(cfg: Config) -> int:
             running_loss.zero_()
             window_start, window_steps = time.monotonic(), 0
 
-        # One all-reduce per optimizer step: every rank acts on the same flags, because
-        # signals, notices and clocks differ between ranks.
+        # One all-reduce per optimizer step (tried or skipped): every rank acts on the same
+        # flags, because signals, notices and clocks differ between ranks.
         minutes_due = (cfg.checkpoint_every_minutes > 0 and
                        time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
         preempted, minutes_due = checkpointer.at_step_boundary(preemption.requested, minutes_due)
         if preempted or step == cfg.max_steps:
-            save(step)
-        elif minutes_due or step % cfg.checkpoint_every_steps == 0:
+            save_finite(step)  # after a skipped step too: its micro-batches are consumed
+        elif advanced and (minutes_due or step % cfg.checkpoint_every_steps == 0):
             # A periodic save while the previous one is still uploading would queue behind
             # it and share its bandwidth: the bucket would fall further behind, not catch up.
             # Skip it; the next trigger tries again.
             backlog = None if cfg.save_while_uploading else checkpointer.backlog()
             if backlog is None:
-                save(step)
+                save_finite(step)
                 skipped_in_a_row = 0
             else:
                 skipped_in_a_row += 1
@@ -452,7 +1054,11 @@ def train(cfg: Config) -> int:
                         notice=preemption.notice_detail)
             durable = checkpointer.wait_durable(cfg.durable_wait_seconds)
             events.emit("exit", code=PREEMPTED_EXIT_CODE, step=step, durable_step=durable)
-            events.close()
+            try:
+                events.close()
+            except OSError as err:  # the checkpoint is committed: still exit 143
+                log.warning("could not write the last run events: %s",
+                            describe_os_error(err, run_dir))
             log.info("preempted (%s): checkpoint at step %d committed; exiting %d",
                      preemption.reason or "peer rank", step, PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE
@@ -465,14 +1071,27 @@ def train(cfg: Config) -> int:
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "final"
     accelerator.wait_for_everyone()
     if main_process:
+        # Finite: the last save checked it. A failure below leaves a previous model in
+        # output_dir whole and no partial file under a final name (publish).
         with tempfile.TemporaryDirectory(prefix="skyspot-final-") as staging:
-            accelerator.unwrap_model(model).save_pretrained(
-                staging, state_dict=accelerator.get_state_dict(model), safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-            publish(Path(staging), output_dir)
+            with io_errors(Path(staging), f"$TMPDIR ({Path(staging).parent}), where the final "
+                                          "model is staged"):
+                try:
+                    accelerator.unwrap_model(model).save_pretrained(
+                        staging, state_dict=accelerator.get_state_dict(model),
+                        safe_serialization=True)
+                    tokenizer.save_pretrained(staging)
+                except Exception as err:  # SafetensorError: the OS error is in its message
+                    if (os_error := wrapped_os_error(err, Path(staging))) is None:
+                        raise
+                    raise os_error from err
+            with io_errors(output_dir, f"the output dir {output_dir}"):
+                publish(Path(staging), output_dir)
         log.info("saved the final model and tokenizer to %s", output_dir)
-    events.emit("exit", code=0, step=step, output_dir=str(output_dir), durable_step=durable)
-    events.close()
+    with io_errors(run_dir, f"the checkpoint dir {run_dir}"):
+        events.emit("exit", code=0, step=step, output_dir=str(output_dir), durable_step=durable,
+                    nonfinite_skipped=nonfinite_skipped)
+        events.close()
     preemption.close()
     accelerator.end_training()
     return 0
@@ -483,9 +1102,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         return train(cfg)
     except (ConfigError, CheckpointError) as err:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"train/lm.py: error: {err}", file=sys.stderr)
-        return 2
+        return _error(err, 2)
+    except Diverged as err:
+        return _error(err, DIVERGED_EXIT_CODE)
+    except IOFailure as err:
+        return _error(err, IO_ERROR_EXIT_CODE)
+    except OSError as err:  # any other I/O the environment failed (the disk, a mount)
+        return _error(describe_os_error(err), IO_ERROR_EXIT_CODE)
+
+
+def _error(message: object, code: int) -> int:
+    """One line on stderr, from the first process of each node only."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"train/lm.py: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
