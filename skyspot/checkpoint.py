@@ -85,6 +85,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint can't be used or written; the message says which and why."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """The environment failed a save (a full disk, a read-only mount): nothing was committed,
+    and the message, one line, names the path and what happened."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the checkpoint directory
@@ -289,11 +294,20 @@ def _why(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def describe_os_error(err: OSError, doing: str) -> str:
-    """``doing`` plus what went wrong, in one line: 'no space left on device (ENOSPC)
-    writing /ckpt/run/step-00000008/optimizer.pt'."""
-    where = f" {err.filename}" if err.filename else ""
-    return f"{_why(err)} {doing}{where}"
+def describe_os_error(err: OSError, path: Path | str | None = None, where: str = "") -> str:
+    """One line for an I/O error of the environment: 'no space left on device (ENOSPC)
+    writing /ckpt/t/step-00000008/optimizer.pt: free space in the checkpoint dir /ckpt/t, or
+    use another one'. ``path`` stands in when the error names no file (a write() that hits
+    ENOSPC names none); ``where`` (what the path is) turns on the advice."""
+    line = _why(err)
+    target = err.filename if err.filename is not None else path
+    if target is not None:
+        line += f" writing {target}" if where else f": {target}"
+    if where and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += f": free space in {where}, or use another one"
+    elif where and err.errno == errno.EROFS:
+        line += f": {where} is mounted read-only"
+    return line
 
 
 def parse_dir_name(name: str) -> tuple[int, int] | None:
@@ -437,6 +451,7 @@ class Checkpointer:
         self.on_commit = on_commit
         self.required = required
         self.owner = owner
+        self._where = f"the checkpoint dir {root}"  # for one-line I/O errors
         self.rank = dist.get_rank() if _dist_on() else 0
         self.world_size = dist.get_world_size() if _dist_on() else 1
         self._pending: _Pending | None = None
@@ -563,8 +578,8 @@ class Checkpointer:
                 (self.root / candidate).mkdir(parents=True)
                 name[0] = candidate
             except OSError as err:
-                name[0] = CheckpointError(describe_os_error(
-                    err, "creating a checkpoint directory") + _NOTHING_LOST)
+                name[0] = CheckpointWriteError(describe_os_error(
+                    err, where=self._where) + _NOTHING_LOST)
         if _dist_on():
             dist.broadcast_object_list(name, src=0)
         if isinstance(name[0], CheckpointError):
@@ -594,9 +609,10 @@ class Checkpointer:
         if any(failed):
             # Nothing is committed: the directory has no manifest and will never verify.
             error = pending.error
+            if isinstance(error, OSError):
+                raise CheckpointWriteError(describe_os_error(error, where=self._where)
+                                           + _NOTHING_LOST)
             raise CheckpointError(
-                describe_os_error(error, "writing checkpoint files") + _NOTHING_LOST
-                if isinstance(error, OSError) else
                 f"writing checkpoint {pending.path} failed: {error or 'on another rank'}")
         outcome: list[Any] = [None]
         if self.rank == 0:
@@ -628,8 +644,8 @@ class Checkpointer:
         except OSError as err:
             with contextlib.suppress(OSError):  # a torn manifest never verifies anyway
                 (pending.path / MANIFEST).unlink()
-            raise CheckpointError(describe_os_error(err, "writing the manifest")
-                                  + _NOTHING_LOST) from err
+            raise CheckpointWriteError(describe_os_error(err, where=self._where)
+                                       + _NOTHING_LOST) from err
         self._committed[pending.path] = {
             **{entry.path: entry.size for entry in entries}, MANIFEST: written.size}
         durable_step = self._apply_retention()
@@ -702,3 +718,26 @@ def _delete(root: Path, path: Path) -> None:
         log.warning("could not delete old checkpoint %s: %s", path, _why(err))
         return
     shutil.rmtree(path, ignore_errors=True)  # removes symlinks inside, never follows them
+
+
+def peek(path: Path) -> dict | None:
+    """The manifest of checkpoint directory ``path`` (named step-N) if it is well formed and
+    every file it lists is a regular file of the listed size, else None; never raises.
+
+    A cheap look, not a verify: no checksum is read (on a bucket mount that downloads the
+    checkpoint), so a file of the right size may still be corrupt. Like verify, it never
+    follows a symlink or reads a device."""
+    dir_name = parse_dir_name(path.name)
+    if dir_name is None:
+        return None
+    try:
+        manifest = json.loads(_read_regular(path / MANIFEST, _MAX_MANIFEST_BYTES))
+        if manifest_problem(manifest, dir_name) is not None:
+            return None
+        for entry in manifest["files"]:
+            info = (path / entry["path"]).lstat()
+            if not stat.S_ISREG(info.st_mode) or info.st_size != entry["size"]:
+                return None
+    except (OSError, ValueError):
+        return None
+    return manifest

@@ -30,9 +30,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
-import errno
 import itertools
-import json
 import logging
 import math
 import os
@@ -54,18 +52,29 @@ import torch  # noqa: E402
 
 from skyspot import PREEMPTED_EXIT_CODE, skyenv  # noqa: E402
 from skyspot.checkpoint import (  # noqa: E402
-    FORMAT,
     MANIFEST,
     Checkpointer,
     CheckpointError,
+    CheckpointWriteError,
     Committed,
-    parse_dir_name,
+    describe_os_error,
     step_dirs,
 )
+from skyspot.divergence import nan_faults, nonfinite_at_step, state_is_finite  # noqa: E402
 from skyspot.events import EventLog  # noqa: E402
 from skyspot.launch import mark_preempted  # noqa: E402
 from skyspot.lease import RunLease  # noqa: E402
 from skyspot.preemption import Preemption  # noqa: E402
+from skyspot.settings import (  # noqa: E402
+    Change,
+    SettingsError,
+    changed_settings,
+    likely_resume_point,
+    parse_allowed,
+    record_settings,
+    refuse_unallowed,
+)
+from skyspot.textdata import DatasetError, dataset_files, load_text  # noqa: E402
 
 log = logging.getLogger("train.lm")
 
@@ -76,10 +85,6 @@ SKIPS_BEFORE_WARNING = 10
 # a failure of the environment such as a full disk or a read-only mount.
 DIVERGED_EXIT_CODE = 3
 IO_ERROR_EXIT_CODE = 1
-# Fault injection for tests: "STEP[@RANK],..." adds nan to the loss (its value only, the
-# gradients stay finite) of optimizer step STEP, on every rank or on RANK only, once per
-# entry ("5,5" for two attempts at step 5). Never set in production.
-NAN_AT_STEP_ENV = "SKYSPOT_FAULT_NAN_AT_STEP"
 
 
 # ----------------------------------------------------------------------------- config
@@ -164,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     args = vars(build_parser().parse_args(argv))
-    args["allow_config_change"] = _allowed_changes(args["allow_config_change"] or [])
+    args["allow_config_change"] = parse_allowed(args["allow_config_change"] or [], SETTINGS)
     cfg = Config(**args)
     for name in ("model", "dataset", "checkpoint_dir"):
         if not getattr(cfg, name):
@@ -188,7 +193,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 # Settings that alter the math of a run. Every checkpoint records them (meta["config"]); a
-# resume whose value differs is refused unless --allow-config-change names the setting.
+# resume whose value differs is refused unless --allow-config-change names the setting
+# (skyspot.settings).
 SETTINGS = ("model", "dataset", "text_column", "seq_len", "batch_size", "grad_accum", "lr",
             "warmup_steps", "max_steps", "weight_decay", "max_grad_norm", "seed",
             "mixed_precision")
@@ -208,47 +214,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _allowed_changes(values: list[str]) -> list[str]:
-    """--allow-config-change values (repeated, comma-separated, with - or _) as SETTINGS names."""
-    names = []
-    for value in values:
-        for part in value.split(","):
-            name = part.strip().removeprefix("--").replace("-", "_")
-            if not name:
-                continue
-            if name not in SETTINGS:
-                raise ConfigError(
-                    f"--allow-config-change {part.strip()}: not a setting a checkpoint records; "
-                    f"valid: {', '.join(s.replace('_', '-') for s in SETTINGS)}")
-            names.append(name)
-    return list(dict.fromkeys(names))
-
-
-def settings_record(cfg: Config) -> dict:
-    """The settings a checkpoint records in its meta, as "config"."""
-    return {name: getattr(cfg, name) for name in SETTINGS}
-
-
-def _same_setting(name: str, old, new) -> bool:
-    if old == new:
-        return True
-    if name in ("model", "dataset") and isinstance(old, str) and isinstance(new, str):
-        # One local file or directory named two ways (./data and /abs/data) is no change.
-        with contextlib.suppress(OSError):
-            return Path(old).exists() and Path(old).resolve() == Path(new).resolve()
-    return False
-
-
-def _show(value) -> str:
-    return value if isinstance(value, str) else repr(value)
-
-
 def check_resume(cfg: Config, path: Path, step: int, manifest: dict, world: int,
-                 ) -> list[tuple[str, object, object]] | None:
+                 ) -> list[Change] | None:
     """Refuse to resume from checkpoint ``path`` (at ``step``) in a way that would change
     the run silently: a --max-steps below its step (even if allowed), another world size,
     or a setting that differs from the one it recorded and --allow-config-change does not
-    name. One line each. Returns the accepted changes as (name, old, new), or None for a
+    name (SettingsChanged). One line each. Returns the accepted changes, or None for a
     checkpoint written before settings were recorded (only the global batch is checked)."""
     meta = manifest.get("meta") or {}
     if cfg.max_steps < step:
@@ -272,44 +243,26 @@ def check_resume(cfg: Config, path: Path, step: int, manifest: dict, world: int,
                 f"{global_batch}: relaunch with the checkpoint's --batch-size and "
                 "--grad-accum, or use a new --run-name")
         return None
-    changes = [(name, recorded[name], getattr(cfg, name)) for name in SETTINGS
-               if name in recorded and not _same_setting(name, recorded[name], getattr(cfg, name))]
-    refused = [change for change in changes if change[0] not in cfg.allow_config_change]
-    if refused:
-        (name, old, new), *more = refused
-        what = f"{_flag(name)} changed from {_show(old)} (checkpoint {path}) to {_show(new)}"
-        what += "".join(f", {_flag(n)} from {_show(o)} to {_show(v)}" for n, o, v in more)
-        names = ",".join(n.replace("_", "-") for n, _, _ in refused)
-        raise ConfigError(f"{what}; pass --allow-config-change {names} to apply "
-                          f"{'them' if more else 'it'}, or use a new --run-name")
+    # --model and --dataset may name a local path: one named two ways is no change.
+    changes = changed_settings(recorded, record_settings(cfg, SETTINGS),
+                               paths=("model", "dataset"))
+    refuse_unallowed(changes, cfg.allow_config_change, path)
     return changes
 
 
 def check_resume_early(cfg: Config, run_dir: Path) -> None:
     """check_resume before anything is loaded, built or written, against the checkpoint the
-    run will most likely resume from: its newest one whose manifest reads and whose files
-    have the listed sizes, else --resume-from. Checksums are verified only when the resume
-    point is chosen, after the build, and check_resume runs again there on that one."""
-    candidates = [path for _, _, path in step_dirs(run_dir)]
-    if cfg.resume_from:
-        candidates.append(Path(cfg.resume_from))
-    for path in candidates:
-        parsed = parse_dir_name(path.name)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            if (not parsed or manifest["format"] != FORMAT or manifest["step"] != parsed[0]
-                    or not isinstance(manifest["meta"], dict)):
-                continue
-            if all((path / entry["path"]).stat().st_size == entry["size"]
-                   for entry in manifest["files"]):
-                world = int(os.environ.get("WORLD_SIZE") or 1)  # as torchrun/accelerate set it
-                check_resume(cfg, path, parsed[0], manifest, world)
-                return
-        except (OSError, ValueError, LookupError, TypeError, AttributeError):
-            continue
+    run will most likely resume from: its newest one whose manifest is well formed and whose
+    files have the listed sizes, else --resume-from. Checksums are verified only when the
+    resume point is chosen, after the build, and check_resume runs again there on that one."""
+    likely = likely_resume_point(run_dir, Path(cfg.resume_from) if cfg.resume_from else None)
+    if likely is not None:
+        path, manifest = likely
+        world = int(os.environ.get("WORLD_SIZE") or 1)  # as torchrun/accelerate set it
+        check_resume(cfg, path, manifest["step"], manifest, world)
 
 
-def apply_setting_changes(changes: list[tuple[str, object, object]], cfg: Config, scheduler,
+def apply_setting_changes(changes: list[Change], cfg: Config, scheduler,
                           recorded: dict, consumed: int) -> int:
     """Make the accepted changes hold from the first resumed step, after the optimizer's and
     scheduler's state were loaded; returns the micro-batches of the epoch already consumed.
@@ -336,205 +289,6 @@ def apply_setting_changes(changes: list[tuple[str, object, object]], cfg: Config
 
 
 # ----------------------------------------------------------------------------- data
-
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def dataset_files(name: str) -> list[Path] | None:
-    """The local files --dataset names (None for a hub id), checked without reading them."""
-    path = Path(name)
-    if path.exists():
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.suffix in _LOADERS and p.is_file())
-        kinds = {_LOADERS.get(p.suffix) for p in files}
-        if not files or None in kinds or len(kinds) > 1:
-            raise ConfigError(f"--dataset {name}: need .txt, .jsonl/.json or .parquet files "
-                              "(one kind)")
-        for file in files:
-            if file.stat().st_size == 0:
-                raise ConfigError(f"--dataset {file}: the file is empty")
-        return files
-    if _HUB_ID.match(name) and not name.startswith("."):
-        return None
-    raise ConfigError(f"--dataset {name}: no such file or directory")
-
-
-def load_text(name: str, column: str):
-    """The dataset, every row of whose ``column`` is a string; a bad row is a ConfigError
-    naming it (file and line for local files). Checked on the Arrow table, before any
-    tokenizing: the column's type and null count, no pass over the rows in Python."""
-    import datasets
-
-    files = dataset_files(name)
-    if files is not None:
-        quiet = not datasets.are_progress_bars_disabled()
-        verbosity = datasets.logging.get_verbosity()
-        # A file that fails to load makes datasets log an error and leave a progress bar
-        # behind: the one line that says which row is wrong is ours.
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity(logging.CRITICAL)
-        try:
-            ds = datasets.load_dataset(_LOADERS[files[0].suffix],
-                                       data_files=[str(p) for p in files], split="train")
-        except Exception as err:  # bad UTF-8, a broken JSON line, mixed kinds of rows
-            raise ConfigError(first_bad_row(files, column) or
-                              f"--dataset {name}: could not be loaded: {_first_line(err)}"
-                              ) from err
-        finally:
-            datasets.logging.set_verbosity(verbosity)
-            if quiet:
-                datasets.enable_progress_bars()
-    else:
-        try:
-            ds = datasets.load_dataset(name, split="train")
-        except Exception as err:  # offline, gated, misspelt: one line, not a traceback
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"--dataset {name}: could not load from the hub: {first}") from err
-    if column not in ds.column_names:
-        raise ConfigError(f"--dataset {name} has no column {column!r} (columns: "
-                          f"{', '.join(ds.column_names)}); pass --text-column")
-    if len(ds) == 0:
-        raise ConfigError(f"--dataset {name}: no rows")
-    feature = ds.features[column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise ConfigError((files and first_bad_row(files, column)) or
-                          f"--dataset {name}: column {column!r} holds {feature}, not strings")
-    values = ds.data.table.column(column)
-    if values.null_count:
-        import pyarrow.compute as pc
-
-        row = pc.index(pc.is_null(values), True).as_py() + 1
-        raise ConfigError((files and first_bad_row(files, column)) or
-                          f"--dataset {name}: row {row}: {column!r} is null")
-    row = _invalid_utf8_row(values)  # Arrow's JSON reader takes bad UTF-8 as it is
-    if row is not None:
-        raise ConfigError((files and first_bad_row(files, column)) or
-                          f"--dataset {name}: row {row + 1}: {column!r} is not UTF-8 text")
-    return ds
-
-
-def _invalid_utf8_row(values) -> int | None:
-    """Index of the first string in the Arrow ``values`` that is not valid UTF-8, or None.
-    Arrow's full validation, in C++; a bad chunk is halved down to the row."""
-    import pyarrow as pa
-
-    first = 0
-    for chunk in values.chunks:
-        try:
-            chunk.validate(full=True)
-        except pa.ArrowInvalid:
-            low, high = 0, len(chunk)  # the first bad row is in [low, high)
-            while high - low > 1:
-                middle = (low + high) // 2
-                try:
-                    chunk.slice(low, middle - low).validate(full=True)
-                    low = middle
-                except pa.ArrowInvalid:
-                    high = middle
-            return first + low
-        first += len(chunk)
-    return None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    cause = err.__cause__ or err.__context__
-    if type(err).__name__ == "DatasetGenerationError" and cause is not None:
-        return _first_line(cause)  # not "An error occurred while generating the dataset"
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
-def first_bad_row(files: list[Path], column: str) -> str | None:
-    """Where the first unusable row of these local files is, and what is wrong with it:
-    "--dataset FILE: line N: WHAT". Reads them a line (a Parquet row group) at a time, and
-    only after loading them failed or found a bad row; None if nothing is found."""
-    for file in files:
-        kind = _LOADERS[file.suffix]
-        problem = _parquet_problem(file, column) if kind == "parquet" else (
-            _lines_problem(file, column, json_rows=kind == "json"))
-        if problem:
-            return f"--dataset {file}: {problem}"
-    return None
-
-
-def _lines_problem(file: Path, column: str, json_rows: bool) -> str | None:
-    rows = 0
-    with open(file, "rb") as reader:
-        for number, raw in enumerate(reader, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                return (f"line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
-                        f"position {err.start + 1})")
-            if not json_rows or not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                if rows == 0 and file.suffix == ".json":
-                    return _json_document_problem(file, column)  # one JSON value, not lines
-                return f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
-            rows += 1
-            if not isinstance(record, dict):
-                return f"line {number}: {_json_kind(record)}, not a JSON object"
-            if column not in record:
-                return f"line {number}: no {column!r} field"
-            if not isinstance(record[column], str):
-                return f"line {number}: {column!r} is {_json_kind(record[column])}, not a string"
-    return "no rows (only blank lines)" if json_rows and rows == 0 else None
-
-
-def _json_document_problem(file: Path, column: str) -> str | None:
-    """A .json file holding one JSON document (a list of records), read whole: that is how
-    datasets reads it too."""
-    try:
-        document = json.loads(file.read_bytes())
-    except json.JSONDecodeError as err:
-        return f"line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
-    records = document if isinstance(document, list) else []
-    for number, record in enumerate(records, 1):
-        if not isinstance(record, dict):
-            return f"record {number}: {_json_kind(record)}, not a JSON object"
-        if not isinstance(record.get(column), str):
-            what = _json_kind(record[column]) if column in record else "missing"
-            return f"record {number}: {column!r} is {what}, not a string"
-    return None
-
-
-def _parquet_problem(file: Path, column: str) -> str | None:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(file)
-        schema = parquet.schema_arrow
-        if column not in schema.names:
-            return f"no column {column!r}"
-        kind = schema.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            return f"column {column!r} is {kind}, not strings"
-        first = 0
-        for group in range(parquet.num_row_groups):
-            values = parquet.read_row_group(group, columns=[column]).column(column)
-            if values.null_count:
-                row = first + pc.index(pc.is_null(values), True).as_py() + 1
-                return f"row {row}: {column!r} is null"
-            first += len(values)
-    except (OSError, pa.ArrowException) as err:
-        return f"not a readable Parquet file ({_first_line(err)})"
-    return None
-
-
-def _json_kind(value) -> str:
-    if value is None:
-        return "null"
-    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
-                       (str, "a string"), (list, "a list"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
 
 
 def pack(ds, tokenizer, column: str, seq_len: int) -> torch.Tensor:
@@ -686,24 +440,6 @@ class IOFailure(Exception):
     line naming the path, what happened and what to do; exit 1."""
 
 
-def describe_os_error(err: OSError, path: Path | str | None = None, where: str = "") -> str:
-    """One line: 'no space left on device (ENOSPC) writing /ckpt/t/events: free space in the
-    checkpoint dir /ckpt/t'. ``path`` stands in when the error names no file (a write() that
-    hits ENOSPC names none); ``where`` (what the path is) turns on the advice."""
-    reason = err.strerror or str(err) or type(err).__name__
-    line = reason[:1].lower() + reason[1:]
-    if err.errno in errno.errorcode:
-        line += f" ({errno.errorcode[err.errno]})"
-    target = err.filename if err.filename is not None else path
-    if target is not None:
-        line += f" writing {target}" if where else f": {target}"
-    if where and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        line += f": free space in {where}, or use another one"
-    elif where and err.errno == errno.EROFS:
-        line += f": {where} is mounted read-only"
-    return line
-
-
 @contextlib.contextmanager
 def io_errors(path: Path, where: str):
     """Writes inside that fail with an OSError raise IOFailure (see describe_os_error)."""
@@ -719,57 +455,6 @@ def wrapped_os_error(err: Exception, path: Path) -> OSError | None:
     28)') on a full disk."""
     match = re.search(r"\(os error (\d+)\)", str(err))
     return OSError(int(match[1]), os.strerror(int(match[1])), str(path)) if match else None
-
-
-def nan_faults(rank: int) -> dict[int, int]:
-    """{optimizer step: times its loss is made nan on this rank} from NAN_AT_STEP_ENV."""
-    faults: dict[int, int] = {}
-    for entry in os.environ.get(NAN_AT_STEP_ENV, "").replace(" ", "").split(","):
-        if entry:
-            at, _, only = entry.partition("@")
-            if not only or int(only) == rank:
-                faults[int(at)] = faults.get(int(at), 0) + 1
-    return faults
-
-
-def nonfinite_at_step(accelerator, loss: torch.Tensor, grad_norm, check_grad: bool,
-                      ) -> str | None:
-    """What is nan/inf at this optimizer step on any rank ('the loss (on 1 of 2 ranks) and
-    the gradient norm'), else None. Each rank has a loss of its own, so the verdict is agreed
-    in one all-reduce of two flags (the norm of all-reduced gradients is the same everywhere
-    already); reading it is this optimizer step's one host sync."""
-    bad_norm = (~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
-                if check_grad and grad_norm is not None  # DeepSpeed clips itself: None
-                else torch.zeros_like(loss, dtype=torch.bool))
-    flags = torch.stack([~torch.isfinite(loss), bad_norm]).float()
-    world = accelerator.num_processes
-    if world > 1:
-        flags = accelerator.reduce(flags, reduction="sum")
-    bad_loss, bad_norm = (round(value) for value in flags.tolist())
-    what = []
-    if bad_loss:
-        what.append("the loss" + (f" (on {bad_loss} of {world} ranks)" if world > 1 else ""))
-    if bad_norm:
-        what.append("the gradient norm")
-    return " and ".join(what) or None
-
-
-def state_is_finite(accelerator, model, optimizer) -> bool:
-    """Whether every weight and optimizer-state tensor is finite on every rank: checked
-    before each save, so that no checkpoint and no final model ever holds nan/inf (an
-    optimizer step can overflow weights that finite gradients led to)."""
-    tensors = [p.detach() for p in model.parameters()]
-    tensors += [value for state in optimizer.state.values() for value in state.values()
-                if torch.is_tensor(value) and value.is_floating_point()]
-    device = accelerator.device
-    bad = torch.zeros(1, device=device)
-    if tensors:
-        finite = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all().to(device)
-                  for t in tensors]  # a DTensor's own shard
-        bad = (~torch.stack(finite).all()).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    return bad.item() == 0
 
 
 def newest_committed(run_dir: Path) -> Path | None:
@@ -881,10 +566,10 @@ def train(cfg: Config) -> int:
         step, epoch, consumed, tokens = (meta[k] for k in ("step", "epoch", "consumed", "tokens"))
         if changes:
             consumed = apply_setting_changes(changes, cfg, scheduler, meta["config"], consumed)
-        for name, old, new in changes or []:
-            events.emit("config_change", name=name, old=old, new=new, step=step)
-            log.info("%s changed from %s (checkpoint %s) to %s: applied from step %d on",
-                     _flag(name), _show(old), resume.path, _show(new), step + 1)
+        for change in changes or []:
+            events.emit("config_change", name=change.name, old=change.old, new=change.new,
+                        step=step)
+            log.info("%s: applied from step %d on", change.describe(resume.path), step + 1)
     stream = micro_batches(loader, sampler, epoch, consumed)
     if resume is not None:
         # After building the stream: nothing between here and the first batch may draw
@@ -906,7 +591,7 @@ def train(cfg: Config) -> int:
         checkpointer.save(at_step, files, meta={
             "step": at_step, "epoch": epoch, "consumed": consumed, "tokens": tokens,
             "global_batch": global_batch, "seed": cfg.seed, "run_name": run_name,
-            "config": settings_record(cfg)})
+            "config": record_settings(cfg, SETTINGS)})
 
     # --- loop ----------------------------------------------------------------------
     tokens_per_step = global_batch * cfg.seq_len
@@ -1101,12 +786,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         return train(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (IOFailure, CheckpointWriteError) as err:  # before CheckpointError, its base
+        return _error(err, IO_ERROR_EXIT_CODE)
+    except (ConfigError, DatasetError, SettingsError, CheckpointError) as err:
         return _error(err, 2)
     except Diverged as err:
         return _error(err, DIVERGED_EXIT_CODE)
-    except IOFailure as err:
-        return _error(err, IO_ERROR_EXIT_CODE)
     except OSError as err:  # any other I/O the environment failed (the disk, a mount)
         return _error(describe_os_error(err), IO_ERROR_EXIT_CODE)
 
