@@ -159,9 +159,11 @@ class RunLease:
                 log.warning("cannot read %s from the bucket (%s); reading the mount", self.path,
                             err)
             else:
-                if out.returncode == 0:
+                # rclone cat of a missing object prints nothing and exits 0, like an empty
+                # one: only a listing tells them apart (a torn record is an empty object).
+                if out.returncode == 0 and (out.stdout or self._listed_in_bucket()):
                     return out.stdout
-                if b"not found" in out.stderr.lower() or b"doesn't exist" in out.stderr.lower():
+                if out.returncode == 0 or b"not found" in out.stderr.lower():
                     return None
                 log.warning("cannot read %s from the bucket (%s); reading the mount",
                             self.path, out.stderr.decode(errors="replace").strip()[-200:])
@@ -169,6 +171,15 @@ class RunLease:
             return self.path.read_bytes()
         except FileNotFoundError:
             return None
+
+    def _listed_in_bucket(self) -> bool:
+        try:
+            out = subprocess.run([self._remote.rclone, "lsf", "--files-only", self._remote.
+                                  remote_path(self.path.parent)], capture_output=True, text=True,
+                                 timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return True  # unknown: an unreadable record, judged by its age
+        return out.returncode != 0 or OWNER in out.stdout.splitlines()
 
     def _write(self, record: Owner) -> None:
         target = self.path.with_name(f".{OWNER}.{os.getpid()}") if self._atomic_rename else (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -85,6 +86,24 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_assets, tmp_pa
     assert len(warning) == 1 and str(newest) in warning[0] and "unreadable" in warning[0]
     resumed = [e["step"] for e in read_events(tmp_path / "events.jsonl") if e["event"] == "resumed"]
     assert resumed[-1] < int(newest.name.split("-")[1])
+
+
+@pytest.mark.parametrize("dropped", ["model.pt", "rng-rank0.pt"])
+def test_a_manifest_that_omits_a_file_the_trainer_needs_is_not_resumed_from(
+        tiny_assets, tmp_path, existing_run, dropped):
+    """The newest manifest no longer lists the weights (or this rank's RNG state), but the
+    file is still there and the manifest is otherwise self-consistent: the trainer must not
+    load unverified bytes, nor resume without them. It falls back to the older checkpoint."""
+    newest = sorted((existing_run / "t").glob("step-*"))[-1]
+    manifest = json.loads((newest / MANIFEST).read_text())
+    manifest["files"] = [e for e in manifest["files"] if e["path"] != dropped]
+    (newest / MANIFEST).write_text(json.dumps(manifest))
+    result = _lm(lm_args(tiny_assets, existing_run, max_steps=8), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = [line for line in result.stderr.splitlines() if "skipping checkpoint" in line]
+    assert len(warning) == 1 and f"does not list {dropped}" in warning[0], result.stderr
+    resumed = [e["step"] for e in read_events(tmp_path / "events.jsonl") if e["event"] == "resumed"]
+    assert resumed == [4]
 
 
 def test_resume_on_another_world_size_stops_with_both_sizes(tiny_assets, tmp_path,

@@ -94,14 +94,18 @@ CHANGES = {
 
 @pytest.mark.parametrize("name", list(CHANGES))
 def test_a_changed_setting_is_refused_before_anything_is_built(tiny_assets, tmp_path, run_copy,
-                                                               name):
+                                                               capsys, monkeypatch, name):
+    """In-process (lm.main), so each case costs no interpreter start; the test below runs
+    the command line once, to show that nothing is built before the refusal."""
     overrides, old, new = CHANGES[name]
     if callable(overrides):
         overrides = overrides(tiny_assets, tmp_path)
     before = _tree_digest(run_copy)
-    result = _lm(lm_args(tiny_assets, run_copy, **{"max_steps": 8, **overrides}), tmp_path)
-    assert result.returncode == 2
-    line = _one_error_line(result)
+    built = []
+    monkeypatch.setattr(lm, "load_text", lambda *a, **k: built.append("dataset"))
+    code = lm.main(lm_args(tiny_assets, run_copy, **{"max_steps": 8, **overrides}))
+    assert code == 2 and not built
+    line = _one_error_line(subprocess.CompletedProcess([], code, "", capsys.readouterr().err))
     flag = "--" + name.replace("_", "-")
     assert f"{flag} changed from " in line
     recorded, current = line.split(f"{flag} changed from ", 1)[1].split(";")[0].split(" to ")
@@ -109,6 +113,14 @@ def test_a_changed_setting_is_refused_before_anything_is_built(tiny_assets, tmp_
     assert f"(checkpoint {run_copy / 't' / NEWEST})" in recorded
     assert current.endswith(new), line
     assert f"--allow-config-change {name.replace('_', '-')}" in line
+    assert _tree_digest(run_copy) == before
+
+
+def test_a_changed_setting_on_the_command_line_builds_nothing(tiny_assets, tmp_path, run_copy):
+    before = _tree_digest(run_copy)
+    result = _lm(lm_args(tiny_assets, run_copy, max_steps=8, lr=1e-3), tmp_path)
+    assert result.returncode == 2
+    assert "--lr changed from 0.003" in _one_error_line(result)
     assert _tree_digest(run_copy) == before
     assert _nothing_built(tmp_path)
 
