@@ -194,7 +194,8 @@ def test_a_checkpoint_without_recorded_settings_resumes_with_one_warning(tiny_as
 BAD_NUMBERS = [
     ("lr", "-1", "> 0"), ("lr", "0", "> 0"), ("lr", "nan", "finite"), ("lr", "inf", "finite"),
     ("weight_decay", "-0.1", ">= 0"), ("weight_decay", "nan", "finite"),
-    ("max_grad_norm", "0", "> 0"), ("checkpoint_every_minutes", "-1", ">= 0"),
+    ("max_grad_norm", "0", "> 0"), ("skip_nonfinite_steps", "-1", ">= 0"),
+    ("checkpoint_every_minutes", "-1", ">= 0"),
     ("durable_wait_seconds", "inf", "finite"), ("notice_poll_seconds", "-1", ">= 0"),
     ("warmup_steps", "-1", ">= 0"), ("seed", "-1", "between 0 and"),
     ("seed", str(2**32), "between 0 and"),

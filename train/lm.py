@@ -206,7 +206,7 @@ _RANGES = {
     "lr": (0, False, None), "weight_decay": (0, True, None), "max_grad_norm": (0, False, None),
     "warmup_steps": (0, True, None), "seed": (0, True, 2**32 - 1),
     "checkpoint_every_minutes": (0, True, None), "durable_wait_seconds": (0, True, None),
-    "notice_poll_seconds": (0, True, None),
+    "notice_poll_seconds": (0, True, None), "skip_nonfinite_steps": (0, True, None),
 }
 
 
