@@ -475,6 +475,10 @@ def train(cfg: Config) -> int:
     if not run_name:
         raise ConfigError("--run-name is required outside a SkyPilot managed job")
     run_dir = Path(cfg.checkpoint_dir) / run_name
+
+    def run_dir_errors():  # a write into the run dir that fails is one line (IOFailure)
+        return io_errors(run_dir, f"the checkpoint dir {run_dir}")
+
     dataset_files(cfg.dataset)  # a missing dataset is that, not a changed --dataset
     check_resume_early(cfg, run_dir)  # refused now, it costs nothing and touches nothing
     preflight_checkpoint_dir(run_dir)
@@ -613,7 +617,7 @@ def train(cfg: Config) -> int:
         if not state_is_finite(accelerator, model, optimizer):
             stop_diverged(at_step, "the weights or the optimizer state are nan/inf after the "
                                    "optimizer step")
-        with io_errors(run_dir, f"the checkpoint dir {run_dir}"):
+        with run_dir_errors():
             save(at_step)
 
     def stop_diverged(at_step: int, what: str) -> None:
@@ -627,7 +631,7 @@ def train(cfg: Config) -> int:
         durable = checkpointer.wait_durable(cfg.durable_wait_seconds)
         if progress is not None:
             progress.close()
-        with io_errors(run_dir, f"the checkpoint dir {run_dir}"):
+        with run_dir_errors():
             events.emit("diverged", step=at_step, what=what, skipped=nonfinite_skipped,
                         newest_checkpoint=str(newest[0]) if newest[0] else None)
             events.emit("exit", code=DIVERGED_EXIT_CODE, step=step, durable_step=durable)
@@ -773,7 +777,7 @@ def train(cfg: Config) -> int:
             with io_errors(output_dir, f"the output dir {output_dir}"):
                 publish(Path(staging), output_dir)
         log.info("saved the final model and tokenizer to %s", output_dir)
-    with io_errors(run_dir, f"the checkpoint dir {run_dir}"):
+    with run_dir_errors():
         events.emit("exit", code=0, step=step, output_dir=str(output_dir), durable_step=durable,
                     nonfinite_skipped=nonfinite_skipped)
         events.close()
