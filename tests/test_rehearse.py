@@ -394,7 +394,7 @@ def test_without_fuse_buckets_are_plain_directories(rehearse, tmp_path, capsys, 
                                                      how):
     args = ["--no-fuse"] if how == "--no-fuse" else []
     if how == "no /dev/fuse":
-        monkeypatch.setattr(rehearse, "DEV_FUSE", tmp_path / "no-such-device")
+        monkeypatch.setattr("rehearsal.buckets.DEV_FUSE", tmp_path / "no-such-device")
     code, summary = rehearsal(rehearse, tmp_path / "rh", TOY, "--preempt-at", "step:7:kill",
                               *args)
     assert code == 0 and summary["ok"]
@@ -414,7 +414,7 @@ def test_fuse_without_fusermount_falls_back_and_says_how_to_get_it(rehearse, tmp
     real stack."""
     device = tmp_path / "dev-fuse"
     device.touch()
-    monkeypatch.setattr(rehearse, "DEV_FUSE", device)
+    monkeypatch.setattr("rehearsal.buckets.DEV_FUSE", device)
     which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None if name.startswith(
         "fusermount") else which(name, *args, **kwargs))

@@ -1,0 +1,138 @@
+"""Rehearse a SkyPilot recipe locally, the way a managed spot job runs it, with node-loss faults.
+
+    python tools/rehearse.py recipes/train.yaml --gpus-per-node 1 \\
+        --preempt-at step:20,ckpt:40:kill,step:60:proc --bwlimit 8M
+
+What it emulates, and where it deliberately differs from a real managed job:
+
+* The recipe is parsed by SkyPilot itself, exactly as ``sky jobs launch --env/--secret`` does
+  (``load_chain_dag_from_yaml`` with the overrides, so an override is visible to everything the
+  parser substitutes, e.g. a bucket name written as ``${BUCKET}``).
+* Every node is a PID namespace on this machine (``unshare --pid --fork --kill-child
+  --mount-proc``). Killing the namespace's init takes the whole tree, setsid'd torch-elastic
+  ranks included, like a lost VM. The namespace's init is a ten-line Python reaper that runs
+  ``bash -c RUN`` as its child rather than ``bash -c RUN`` itself: a PID 1 only receives the
+  signals it installed a handler for, so a bare ``bash -c 'python train.py'`` (which bash execs)
+  would make the trainer PID 1 and change what SIGTERM does to it. The reaper also keeps the
+  node alive after SIGTERM until every process is gone, as a VM's shutdown grace period does.
+  Without ``unshare`` the same reaper runs as a child subreaper and the tree is tracked with
+  psutil.
+* Buckets are real. Every bucket of the recipe's ``file_mounts`` is a bucket on ONE local S3
+  server per rehearsal (``rclone serve s3`` over ``WORKDIR/store/data``, tools/localstore.py),
+  and every node mounts it on its own (``WORKDIR/nodes/node<r>/mnt/<bucket>``, with its own
+  rclone VFS cache ``WORKDIR/nodes/node<r>/cache/<bucket>``) in the recipe's ``mode:``
+  (MOUNT_CACHED with SkyPilot's own rclone flags and ``type:`` preset; MOUNT as a
+  close-uploads mount like goofys) and ``--bwlimit`` on each mount's uploads. COPY-mode
+  buckets are downloaded into ``WORKDIR/nodes/node<r>/copy/`` on every fresh VM. Envs that
+  point into a mount path are rewritten per node to that node's mount. Every node gets
+  ``RCLONE_CONFIG`` (the store's remote ``skyspot-local``) and rclone on ``PATH``, so a trainer
+  can list the bucket behind its mount, as skyspot.durability does. Mounts are made before an
+  attempt's nodes start and stay up across attempts unless a fault takes the VM.
+  Without FUSE (no ``/dev/fuse``, no ``fusermount3``, or ``--no-fuse``) buckets fall back to
+  plain directories ``WORKDIR/buckets/<bucket>`` shared by every node: no upload lag, and a
+  lost VM loses nothing; one line says so and how to get FUSE.
+* SkyPilot appends a wait to ``run:`` on clusters with MOUNT_CACHED mounts
+  (``TaskCodeGen.get_rclone_flush_script``): the job ends only once rclone has uploaded
+  everything. Rehearse appends the same wait, asking each mount's rclone (``vfs/stats``) every
+  0.2 s instead of reading its log every 10 s, so a rehearsed job ends up to ~11 s sooner.
+* The recipe's ``workdir`` is resolved against the current directory, as ``sky`` does, so run
+  this from the repo root (recipes say ``workdir: .``). Without a workdir each node starts in an
+  empty ``WORKDIR/home/node<r>``, like a fresh VM's home.
+* Restarts follow sky/jobs/recovery_strategy.py (``should_restart_on_failure``) and
+  sky/jobs/controller.py: a preemption is recovered and never counted; a failed job (any node
+  non-zero; the other nodes are then killed and report 137, as SkyPilot's ``get_or_fail``
+  does) restarts without counting if ANY node's exit code is in ``recover_on_exit_codes``,
+  otherwise it bumps a counter and restarts while the counter <= ``max_restarts_on_errors``.
+  A failing ``setup`` (FAILED_SETUP) goes through the same accounting.
+* ``SKYPILOT_TASK_ID`` embeds the jobs controller's start time. It changes on every
+  ``--controller-restart-every``-th restart, like a controller restart does; a trainer that keys
+  its run name on it starts from scratch and the rehearsal fails with a REGRESSION.
+
+Faults (``--preempt-at``, one per attempt, in order; ``--preempt-every`` after those). A
+trigger ``<seconds>s`` (after the attempt's launch), ``step:<N>`` (node 0 reports step >= N)
+or ``ckpt:<N>`` (node 0 reports a committed checkpoint of step >= N: its manifest was just
+written on the node, its uploads are probably not done), then a kind:
+
+* ``term`` (default, ``--signal``): a preemption with grace. SIGTERM to every process of the
+  node; SIGKILL after ``--grace``. The VM (rclone mount and its cache) is lost as soon as the
+  node's processes have all exited, or when the grace ends, whichever is first.
+* ``kill``: the VM is lost at once: SIGKILL to the whole node, then its mounts' rclone is
+  SIGKILLed and its cache deleted; whatever was not uploaded is gone.
+* ``proc``: the job's processes die on a live VM (OOM killer, a crash of the launcher): SIGKILL
+  every process of the node; its mounts stay up with their caches and keep uploading, and the
+  next attempt reuses them. SkyPilot sees exit code 137 on a cluster that is UP: a user
+  failure, restarted only through ``max_restarts_on_errors`` / ``recover_on_exit_codes``.
+  (Real SkyPilot relaunches on the same cluster only with ``strategy: FAILOVER``;
+  EAGER_NEXT_REGION, the default, tears the cluster down before relaunching.)
+* ``notice`` (needs ``--cloud aws|gcp|azure``): every node has its own loopback metadata
+  endpoint (tools/metadata_server.py, ``SKYSPOT_METADATA_URL``); the struck node's announces
+  the preemption at the trigger, SIGTERM follows ``--notice-lead`` seconds later, SIGKILL
+  after ``--grace``, and the VM is lost as for ``term`` (not before the SIGTERM: a trainer
+  that saved and exited on the notice leaves its uploads running until then). The notice is
+  withdrawn before the next attempt.
+* ``@<rank>`` strikes one node only (default: every node). The other nodes of a multi-node job
+  are then torn down as SkyPilot's recovery does (it terminates the cluster and relaunches
+  it): right after the struck node's VM is lost, their processes are SIGKILLed and their VMs
+  are lost too. That is the pessimistic end: a real controller notices within ~15 s.
+
+Checks (a rehearsal fails, exit 1, with one line each). After a fault that lost VMs, once they
+are gone, the bucket itself is read through the S3 API (never a node's mount or cache): the
+newest checkpoint of the run (``<run>/step-NNNNNNNN[.rK]``, the run directory being where
+node 0's checkpoint events point) whose ``manifest.json`` is in the bucket and whose every
+listed file is there with its size and xxh3-128 checksum. The next attempt must resume from
+exactly that step: resuming from an older one, or starting fresh while one existed, is a
+REGRESSION; resuming from a checkpoint that was not complete in the bucket is a CORRUPTION.
+After a ``proc`` fault or a failure (VM alive, cache kept), and always on the plain-directory
+fallback, the next attempt must resume from at least the newest checkpoint node 0 reported
+committed (REGRESSION otherwise); on the fallback a resume from a torn directory is a
+CORRUPTION too.
+
+Goodput: ``final step / optimizer steps executed across all attempts`` (steps executed in an
+attempt = last step seen - step it resumed from). The wall-time version is
+``final step * median seconds per step / wall seconds from first launch to the end``.
+
+WORKDIR/rehearsal.json (``"schema": "skyspot-rehearsal/2"``; times are Unix seconds, steps
+optimizer steps, null where unknown):
+
+    schema, recipe, workdir, cloud, managed_job_id, num_nodes, pid_namespaces
+    status         SUCCEEDED | FAILED | FAILED_SETUP | MAX_ATTEMPTS | INTERRUPTED | ERROR
+    ok             status is SUCCEEDED and there are no regressions or corruptions
+    regressions    ["REGRESSION: ...", ...]
+    corruptions    ["CORRUPTION: ...", ...]
+    errors         only when the local object store or a mount failed: ["...", ...]
+    storage        {backend: "fuse" | "plain", note, endpoint, store, data_dir, rclone_config,
+                    bwlimit}   data_dir/<bucket>/<key> holds the objects once rehearse is done
+    mounts         {<recipe path>: {source, bucket, mode: MOUNT_CACHED|MOUNT|COPY, type,
+                    nodes: [{rank, local, mount_point, cache_dir, mounted}]}}
+                   (local: the path the node's envs point to; mounted: mounts made over the
+                   rehearsal, 1 + the VMs lost)
+    job_recovery   {strategy, max_restarts_on_errors, recover_on_exit_codes,
+                    restart_cnt_on_failure}
+    attempts       [{index, task_id, started, ended,
+                     ending        exited | failed | failed_setup | preempted:term |
+                                   preempted:kill | preempted:notice | interrupted |
+                                   error (the store or a mount failed: see errors)
+                     fault         null | {kind, trigger, nodes (struck), phase, at, at_step,
+                                   sigterm_at, sigkill_at, vm_lost: [{node, at}] in order,
+                                   teardown (nodes torn down after the struck ones)}
+                     decision, preempt_plan, exit_codes (per node), run_name,
+                     resumed_from, resumed_path, resumed_key (bucket/key of resumed_path),
+                     preemption_reason (the trainer's), last_step, first_step_at,
+                     seconds_to_first_step (from launch), steps_lost,
+                     bucket        null | {vm_lost, bucket, run_prefix, newest_complete_step,
+                                   newest_complete_key, checkpoints: [{key, step, complete,
+                                   reason}] newest first} read after the fault
+                     checkpoints   [{step, path, seconds, bytes, async, time, durable_step,
+                                   lag_steps}] from node 0's checkpoint events
+                     skipped_checkpoints  [step, ...]: periodic saves the trainer skipped
+                                   because the previous one was still being written or
+                                   not yet in the bucket
+                    }]
+    totals         {attempts, preemptions: {term, kill, notice}, process_losses,
+                    checkpoints: {count, mean_seconds, mean_bytes, max_lag_steps,
+                                  skipped},
+                    final_step, steps_executed, steps_lost, goodput, wall_seconds,
+                    wall_goodput}
+"""
+
+SCHEMA = "skyspot-rehearsal/2"

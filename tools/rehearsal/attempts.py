@@ -1,0 +1,146 @@
+"""Attempts: the events node 0's trainer writes (``EventTail``), what one attempt did
+(``Attempt``), and SkyPilot's restart accounting for failures (``RecoveryPolicy``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------
+# Events written by the trainer (rank 0) to $SKYSPOT_EVENTS_FILE
+
+
+class EventTail:
+    """Reads complete JSON lines appended since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        events = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a torn or foreign line must not stop the rehearsal
+            if isinstance(event, dict) and isinstance(event.get("event"), str):
+                events.append(event)
+        return events
+
+
+def event_step(event: dict, key: str = "step") -> int | None:
+    step = event.get(key)
+    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Attempts
+
+
+@dataclass
+class Attempt:
+    index: int
+    task_id: str
+    started: float
+    ended: float | None = None
+    ending: str = ""  # see the package docstring (rehearsal/__init__.py)
+    fault: dict | None = None
+    decision: str = ""  # what the controller did next
+    preempt_plan: str | None = None
+    exit_codes: list[int] = field(default_factory=list)
+    run_name: str | None = None
+    resumed_from: int | None = None  # step it started at (0 when fresh); None if unknown
+    resumed_path: str | None = None
+    resumed_key: str | None = None  # "<bucket>/<key>" of resumed_path
+    preemption_reason: str | None = None
+    last_step: int | None = None
+    first_step_at: float | None = None
+    seconds_to_first_step: float | None = None
+    steps_lost: int | None = None  # filled once the next attempt reports where it resumed
+    bucket: dict | None = None  # the bucket read after this attempt's fault
+    checkpoints: list[dict] = field(default_factory=list)
+    skipped_checkpoints: list[int] = field(default_factory=list)  # steps; previous uploading
+    step_times: list[tuple[int, float]] = field(default_factory=list)
+    step_reached: int | None = None  # highest step/log event: the step:<N> trigger
+    checkpoint_reached: int | None = None  # highest checkpoint event: the ckpt:<N> trigger
+
+    def observe(self, event: dict) -> None:
+        name, step = event["event"], event_step(event)
+        when = event.get("time") if isinstance(event.get("time"), (int, float)) else time.time()
+        if name == "start":
+            self.run_name = event.get("run_name")
+            if self.resumed_path is None and step is not None:
+                self.resumed_from = step
+        elif name == "resumed" and step is not None:
+            self.resumed_from, self.resumed_path = step, str(event.get("path"))
+        elif name == "step" and step is not None:
+            if self.first_step_at is None:
+                self.first_step_at = when
+                self.seconds_to_first_step = round(when - self.started, 3)
+            self.step_times.append((step, when))
+        elif name == "checkpoint" and step is not None:
+            self.checkpoints.append({
+                "step": step,
+                "path": event.get("path"),
+                "seconds": event.get("seconds"),
+                "bytes": event.get("bytes"),
+                "async": event.get("async"),
+                "time": when,
+                "durable_step": event_step(event, "durable_step"),
+                "lag_steps": event_step(event, "lag_steps"),
+            })
+            self.checkpoint_reached = max(step, self.checkpoint_reached or step)
+        elif name == "checkpoint_skipped" and step is not None:
+            self.skipped_checkpoints.append(step)
+        elif name == "preemption":
+            self.preemption_reason = str(event.get("reason"))
+        if name in ("step", "log") and step is not None:
+            self.step_reached = max(step, self.step_reached or step)
+        if name in ("step", "log", "checkpoint", "preemption", "exit") and step is not None:
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+    @property
+    def steps_executed(self) -> int:
+        if self.last_step is None:
+            return 0
+        return max(0, self.last_step - (self.resumed_from or 0))
+
+
+@dataclass
+class RecoveryPolicy:
+    """StrategyExecutor.should_restart_on_failure, sky/jobs/recovery_strategy.py."""
+
+    max_restarts_on_errors: int
+    recover_on_exit_codes: list[int]
+    restart_cnt_on_failure: int = 0
+
+    def should_restart_on_failure(self, exit_codes: list[int]) -> tuple[bool, str]:
+        matching = [c for c in exit_codes if c in self.recover_on_exit_codes]
+        if matching:  # restarts without touching the counter, however often it happens
+            return True, f"exit code(s) {matching} in recover_on_exit_codes"
+        self.restart_cnt_on_failure += 1
+        count = f"{self.restart_cnt_on_failure}/{self.max_restarts_on_errors}"
+        if self.restart_cnt_on_failure > self.max_restarts_on_errors:
+            return False, f"max_restarts_on_errors exhausted ({count})"
+        return True, f"restart {count} on errors"
+
+
+@dataclass
+class PhaseResult:
+    ending: str  # "exited", "failed", "preempted:<kind>"
+    exit_codes: list[int]
+    fault: dict | None = None

@@ -1,0 +1,285 @@
+"""The managed job: ``Rehearsal.run`` launches attempts until the job succeeds, fails for
+good or runs out of attempts, strikes each attempt's fault, and reads the bucket after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from typing import TextIO
+
+import metadata_server
+
+from rehearsal.attempts import Attempt, EventTail, PhaseResult, RecoveryPolicy
+from rehearsal.buckets import StorageError, scan_bucket
+from rehearsal.faults import Fault, FaultRun, parse_preempt_at
+from rehearsal.nodes import Job, Node, controller_timestamp, start_node, stream_log
+from rehearsal.recipe import one_line
+
+POLL_SECONDS = 0.05
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM to the rehearsal itself."""
+
+
+class Rehearsal:
+    def __init__(self, job: Job, args: argparse.Namespace, pid_namespace: bool,
+                 metadata: list[metadata_server.FakeMetadata] | None = None) -> None:
+        self.job = job
+        self.args = args
+        self.pid_namespace = pid_namespace
+        self.plans = parse_preempt_at(args.preempt_at, args.signal) if args.preempt_at else []
+        self.metadata = metadata or []
+        self.out: TextIO | None = None if args.quiet else sys.stdout
+        self.events = EventTail(job.workdir / "events" / "node0.jsonl")
+        self.nodes: list[Node] = []
+        self.attempts: list[Attempt] = []
+        self.policy = RecoveryPolicy(
+            job.recipe.max_restarts_on_errors, job.recipe.recover_on_exit_codes
+        )
+        self.run_location: tuple[str, str] | None = None  # (bucket, run dir key) of node 0
+        self.started = time.time()
+
+    def say(self, message: str) -> None:
+        print(f"rehearse: {message}", flush=True)
+
+    def next_plan(self) -> Fault | None:
+        if self.plans:
+            return self.plans.pop(0)
+        if self.args.preempt_every:
+            return Fault("time", self.args.preempt_every, self.args.signal)
+        return None
+
+    def run(self) -> str:
+        restarts = 0
+        while True:
+            if len(self.attempts) >= self.args.max_attempts:
+                self.say(f"giving up after {len(self.attempts)} attempts (--max-attempts)")
+                return "MAX_ATTEMPTS"
+            if restarts and self.args.controller_restart_every and (
+                restarts % self.args.controller_restart_every == 0
+            ):
+                self.job.controller_started = controller_timestamp()
+                self.say("jobs controller restarted: SKYPILOT_TASK_ID has a new timestamp")
+            plan = self.next_plan()
+            attempt = Attempt(len(self.attempts) + 1, self.job.task_id, time.time())
+            attempt.preempt_plan = plan.describe() if plan else None
+            self.attempts.append(attempt)
+            fresh = self.job.buckets.ensure_mounted()
+            if fresh and attempt.index > 1:
+                self.say(f"attempt {attempt.index}: fresh bucket mounts (empty caches) on "
+                         f"node(s) {','.join(map(str, fresh))}")
+            self.say(
+                f"attempt {attempt.index}: launching {self.job.recipe.num_nodes} node(s)"
+                + (f", fault at {plan.describe()}" if plan else "")
+            )
+            result = None
+            if self.args.run_setup and self.job.recipe.setup:
+                result = self.run_phase(attempt, "setup", self.job.recipe.setup, plan)
+                if result.ending == "failed":
+                    result.ending = "failed_setup"
+            if result is None or (result.ending == "exited" and result.fault is None):
+                result = self.run_phase(attempt, "run", self.job.recipe.run, plan)
+            attempt.ended, attempt.ending = time.time(), result.ending
+            attempt.exit_codes, attempt.fault = result.exit_codes, result.fault
+            for server in self.metadata:
+                server.notice = False  # the next attempt runs on fresh VMs
+            self.say(f"attempt {attempt.index}: {result.ending}, exit codes {result.exit_codes}")
+            if result.fault is not None:
+                self.inspect_bucket(attempt)
+
+            if result.ending.startswith("preempted"):
+                attempt.decision = "recover (preemption)"
+            elif result.ending == "exited":
+                attempt.decision = "SUCCEEDED"
+                return "SUCCEEDED"
+            else:
+                restart, why = self.policy.should_restart_on_failure(result.exit_codes)
+                attempt.decision = ("restart: " if restart else "stop: ") + why
+                if not restart:
+                    self.say(f"user program failed: {why}")
+                    return "FAILED_SETUP" if result.ending == "failed_setup" else "FAILED"
+            self.say(f"attempt {attempt.index}: {attempt.decision}")
+            restarts += 1
+
+    def inspect_bucket(self, attempt: Attempt) -> None:
+        """Read the bucket through the S3 API after a fault: what survived it."""
+        vm_lost = bool(attempt.fault and attempt.fault["vm_lost"])
+        if self.run_location is not None:
+            bucket, prefix = self.run_location
+        elif self.job.buckets.buckets:
+            bucket, prefix = self.job.buckets.buckets[0], None
+        else:
+            return
+        try:
+            scan = scan_bucket(self.job.buckets, bucket, prefix)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            raise StorageError(f"reading bucket {bucket}: {one_line(err)}") from None
+        attempt.bucket = {"vm_lost": vm_lost, **scan}
+        incomplete = [f"{e['key'].rpartition('/')[2]} ({e['reason']})"
+                      for e in scan["checkpoints"] if not e["complete"]]
+        newest = scan["newest_complete_key"]
+        self.say(f"attempt {attempt.index}: bucket {bucket} after the fault"
+                 f"{' (VM lost)' if vm_lost else ' (VM up, still uploading)'}: newest complete "
+                 f"checkpoint {newest or 'none'}"
+                 + (f"; incomplete: {', '.join(incomplete)}" if incomplete else ""))
+
+    def run_phase(
+        self, attempt: Attempt, phase: str, script: str, plan: Fault | None
+    ) -> PhaseResult:
+        logs = self.job.workdir / "logs"
+        self.nodes = [
+            start_node(
+                self.job, rank, self.job.node_script(rank, phase, script),
+                logs / f"attempt{attempt.index}-node{rank}.log", self.pid_namespace,
+            )
+            for rank in range(self.job.recipe.num_nodes)
+        ]
+        fault: FaultRun | None = None
+        try:
+            while True:
+                self.read_events(attempt)
+                for node in self.nodes:
+                    stream_log(node, attempt.index, self.out)
+                codes = [node.exit_code for node in self.nodes]
+                if fault is not None:
+                    self.advance(fault, attempt)
+                    if fault.done and all(code is not None for code in
+                                          (n.exit_code for n in self.nodes)):
+                        break
+                elif all(code is not None for code in codes):
+                    break
+                elif any(code not in (None, 0) for code in codes):
+                    # One node failed: SkyPilot cancels the rest (reported as 137).
+                    for node in self.nodes:
+                        if node.exit_code is None:
+                            node.kill()
+                    break
+                elif plan is not None and self.due(plan, attempt):
+                    fault = self.strike(plan, attempt, phase)
+                    continue
+                time.sleep(POLL_SECONDS)
+        finally:
+            for node in self.nodes:
+                node.kill()  # no-op for nodes that exited; never leave one behind
+        self.read_events(attempt)
+        for node in self.nodes:
+            stream_log(node, attempt.index, self.out, final=True)
+        # A node we SIGKILLed reports 137, like SkyPilot's CANCELLED_RETURN_CODE.
+        codes = [137 if node.killed else node.exit_code or 0 for node in self.nodes]
+        self.nodes = []
+        if fault is None:
+            return PhaseResult("exited" if not any(codes) else "failed", codes)
+        kind = fault.plan.kind
+        if kind == "proc" or (kind in ("term", "notice") and not any(codes) and phase == "run"):
+            # proc: a user failure on a live VM; a job that finished before its VM went is done.
+            return PhaseResult("exited" if not any(codes) else "failed", codes, fault.record)
+        return PhaseResult(f"preempted:{kind}", codes, fault.record)
+
+    def strike(self, plan: Fault, attempt: Attempt, phase: str) -> FaultRun:
+        now = time.time()
+        ranks = list(range(len(self.nodes)))
+        struck = [plan.node] if plan.node is not None else ranks
+        record = {"kind": plan.kind, "trigger": plan.describe(), "nodes": struck,
+                  "phase": phase, "at": now, "at_step": attempt.last_step, "sigterm_at": None,
+                  "sigkill_at": None, "vm_lost": [], "teardown": []}
+        fault = FaultRun(plan, struck, record)
+        where = "every node" if plan.node is None else f"node {plan.node}"
+        words = {"term": "preempting", "kill": "losing the VM of", "proc": "killing the job on",
+                 "notice": "announcing a preemption of"}
+        self.say(f"attempt {attempt.index}: {words[plan.kind]} {where} "
+                 f"({plan.describe()}, {phase})")
+        if plan.kind == "kill":
+            record["sigkill_at"] = now
+            for rank in struck:
+                self.nodes[rank].kill()
+                self.lose_vm(fault, rank)
+            self.teardown(fault)
+        elif plan.kind == "proc":
+            record["sigkill_at"] = now
+            for rank in struck:
+                self.nodes[rank].kill()
+            # A failed node makes SkyPilot cancel the job on the others; the VMs stay up.
+            for node in self.nodes:
+                node.kill()
+            fault.done = True
+        elif plan.kind == "term":
+            fault.term_at = now
+        else:  # notice
+            for rank in struck:
+                if rank < len(self.metadata):
+                    self.metadata[rank].notice = True
+            fault.term_at = now + self.args.notice_lead
+        if not fault.done:
+            self.advance(fault, attempt)
+        return fault
+
+    def advance(self, fault: FaultRun, attempt: Attempt) -> None:
+        """term and notice: SIGTERM when due, SIGKILL when the grace is over, and each struck
+        VM lost once its processes are gone; then the rest of the cluster is torn down."""
+        if fault.done:
+            return
+        now = time.time()
+        if not fault.termed and now >= fault.term_at:
+            fault.termed, fault.kill_at = True, now + self.args.grace
+            fault.record["sigterm_at"] = now
+            if fault.plan.kind == "notice":
+                self.say(f"attempt {attempt.index}: notice lead over, SIGTERM")
+            for rank in fault.struck:
+                self.nodes[rank].terminate()
+        if not fault.termed:
+            return
+        for rank in fault.struck:
+            if rank in fault.lost:
+                continue
+            node = self.nodes[rank]
+            if node.exit_code is None and now >= fault.kill_at:
+                self.say(f"attempt {attempt.index}: grace period over, SIGKILL")
+                fault.record["sigkill_at"] = now
+                node.kill()
+            if node.exit_code is not None:
+                self.lose_vm(fault, rank)
+        if len(fault.lost) == len(fault.struck):
+            self.teardown(fault)
+
+    def lose_vm(self, fault: FaultRun, rank: int) -> None:
+        self.job.buckets.lose_vm(rank)
+        fault.lost.add(rank)
+        fault.record["vm_lost"].append({"node": rank, "at": time.time()})
+
+    def teardown(self, fault: FaultRun) -> None:
+        """SkyPilot's recovery terminates the cluster: the nodes that were not struck go too."""
+        for rank in range(len(self.nodes)):
+            if rank in fault.lost:
+                continue
+            self.nodes[rank].kill()
+            self.lose_vm(fault, rank)
+            fault.record["teardown"].append(rank)
+        fault.done = True
+
+    def read_events(self, attempt: Attempt) -> None:
+        """Feed new node-0 events to the attempt, and note where its run's checkpoints are."""
+        for event in self.events.read():
+            attempt.observe(event)
+            if event["event"] in ("checkpoint", "resumed") and event.get("path"):
+                location = self.job.buckets.bucket_key(0, str(event["path"]))
+                if location is not None:
+                    bucket, key = location
+                    self.run_location = (bucket, key.rpartition("/")[0])
+                    if event["event"] == "resumed":
+                        attempt.resumed_key = f"{bucket}/{key}"
+
+    def due(self, plan: Fault, attempt: Attempt) -> bool:
+        if plan.trigger == "time":
+            return time.time() - attempt.started >= plan.at
+        if plan.trigger == "ckpt":
+            return attempt.checkpoint_reached is not None and attempt.checkpoint_reached >= plan.at
+        return attempt.step_reached is not None and attempt.step_reached >= plan.at
+
+    def kill_all(self) -> None:
+        for node in self.nodes:
+            node.kill()
+        self.nodes = []
