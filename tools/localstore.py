@@ -235,10 +235,10 @@ def _parse_rclone_mount_flags(command: str) -> list[str]:
     return flags
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     # The port can be taken between close() and the server's bind; callers retry on that.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -415,8 +415,12 @@ class Mount:
 class LocalObjectStore:
     """``rclone serve s3`` over ``root/data``, and the mounts made of its buckets."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, host: str = "127.0.0.1"):
         self.root = Path(root).absolute()
+        # The address the server and every mount's remote control listen on: loopback, or
+        # the gateway of rehearse's private bridge so that nodes in network namespaces of
+        # their own reach them (never a public address).
+        self.host = host
         self.data_dir = self.root / "data"
         self.rclone_config = self.root / "rclone.conf"
         self.logs = self.root / "logs"
@@ -466,8 +470,8 @@ class LocalObjectStore:
         return _log_tail(self.logs / "server.log")
 
     def _start_server(self) -> bool:
-        port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{port}"
+        port = _free_port(self.host)
+        self.endpoint = f"http://{self.host}:{port}"
         self.rclone_config.write_text(
             f"[{self.remote}]\ntype = s3\nprovider = Rclone\nendpoint = {self.endpoint}\n"
             f"access_key_id = {self.access_key}\nsecret_access_key = {self.secret_key}\n"
@@ -475,7 +479,7 @@ class LocalObjectStore:
         os.chmod(self.rclone_config, 0o600)
         env = self.env()
         env["RCLONE_AUTH_KEY"] = f'"{self.access_key},{self.secret_key}"'  # not in `ps`
-        argv = [self._rclone, "serve", "s3", str(self.data_dir), "--addr", f"127.0.0.1:{port}",
+        argv = [self._rclone, "serve", "s3", str(self.data_dir), "--addr", f"{self.host}:{port}",
                 # The server's own listing cache. Not 0: with 0s rclone 1.75 re-reads every
                 # directory on every request and a PUT into a bucket with a few directories
                 # takes 5-20 s; 100ms keeps PUTs at ~0.1 s and hand-placed files still show.
@@ -582,16 +586,16 @@ class LocalObjectStore:
     def _start_mount(self, bucket: str, mount_point: Path, cache_dir: Path, mode: str,
                      flags: list[str], bwlimit: str | None, log_file: Path) -> Mount | None:
         """One try at starting rclone mount; None if its rc port was taken meanwhile."""
-        rc_port = _free_port()
+        rc_port = _free_port(self.host)
         argv = [self._rclone, "mount", f"{self.remote}:{bucket}", str(mount_point), *flags,
                 "--cache-dir", str(cache_dir),
                 *(["--bwlimit", bwlimit] if bwlimit else []),
-                "--rc", "--rc-addr", f"127.0.0.1:{rc_port}", "--rc-no-auth",
+                "--rc", "--rc-addr", f"{self.host}:{rc_port}", "--rc-no-auth",
                 "--log-file", str(log_file), "--log-level", "INFO"]
         log_start = log_file.stat().st_size if log_file.exists() else 0  # bytes
         proc = _spawn(argv, log_file, self.env())
         mount = Mount(self, bucket, mount_point, cache_dir, mode, proc,
-                      f"http://127.0.0.1:{rc_port}/", log_file)
+                      f"http://{self.host}:{rc_port}/", log_file)
         self.mounts.append(mount)
         deadline = time.monotonic() + _MOUNT_START_TIMEOUT_S
         while mounted_fstype(mount_point) != "fuse.rclone":

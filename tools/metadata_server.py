@@ -48,7 +48,7 @@ AZURE_EVENT = {
 class FakeMetadata:
     """One loopback HTTP server speaking all three clouds' metadata protocols."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.notice = False  # flip to True to announce the preemption
         self.broken = False  # True: every request gets HTTP 500
         self.aws_action = "terminate"
@@ -57,7 +57,7 @@ class FakeMetadata:
         self.tokens: set[str] = set()
         self.token_puts = 0
         self.gets: Counter[str] = Counter()  # cloud -> notice GETs answered
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHandler)
+        self.server = ThreadingHTTPServer((host, 0), _FakeHandler)
         self.server.fake = self  # type: ignore[attr-defined]
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -66,7 +66,8 @@ class FakeMetadata:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
 
     def close(self) -> None:
         self.server.shutdown()
