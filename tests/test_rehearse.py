@@ -303,6 +303,7 @@ def test_two_nodes_get_ranks_loopback_ips_and_their_own_mounts(rehearse, tmp_pat
         code = rehearse.main([
             TOY_2NODE, "--workdir", str(workdir), "--env", f"NODE_INFO_DIR={info}",
             "--secret", "TOY_SECRET=s3cr3t", "--gpus-per-node", "2", "--cloud", "gcp",
+            "--isolation", "pid",  # the fallback's loopback addresses; VMs: test_rehearse_vm
         ])
     assert code == 0
     summary = json.loads((workdir / "rehearsal.json").read_text())
@@ -377,6 +378,7 @@ def test_env_override_is_remapped_and_secrets_come_from_the_environment(
     code, summary = rehearsal(
         rehearse, tmp_path / "rh", TOY_2NODE,
         "--env", f"NODE_INFO_DIR={info}", "--env", "CKPT_DIR=/ckpt/other/run",
+        "--isolation", "pid",  # envs are rewritten only where nodes are not VMs
     )
     assert code == 0
     node = json.loads((info / "node0.json").read_text())

@@ -96,9 +96,20 @@ optimizer steps, null where unknown):
 
     schema, recipe, workdir, cloud, managed_job_id, num_nodes, pid_namespaces
     status         SUCCEEDED | FAILED | FAILED_SETUP | MAX_ATTEMPTS | INTERRUPTED | ERROR
-    ok             status is SUCCEEDED and there are no regressions or corruptions
+    ok             status is SUCCEEDED and there are no regressions, corruptions or splits
     regressions    ["REGRESSION: ...", ...]
     corruptions    ["CORRUPTION: ...", ...]
+    splits         ["SPLIT: ...", ...]: an attempt whose nodes did not form one world: a start
+                   event in a node other than 0's events file (skyspot trainers emit from
+                   global rank 0 only), or a world_size other than num_nodes x GPUs per node
+                   (SKYPILOT_NUM_GPUS_PER_NODE, 0 counted as 1)
+    inconsistencies  ["INCONSISTENT: ...", ...]: a next attempt resumed beyond the last step
+                   the previous one reported; its steps_lost is null (never negative)
+    skyspot_events whether node 0 wrote any start/step/checkpoint event; false: the resume
+                   check does not apply and every step figure below is null
+    bucket_timeline  [{time, bucket, objects, bytes}]: every bucket through the S3 API, about
+                   every second and after each attempt, an entry only when either changed;
+                   the last one per bucket is read from data_dir once rehearse is done
     errors         only when the local object store or a mount failed: ["...", ...]
     storage        {backend: "fuse" | "plain", note, endpoint, store, data_dir, rclone_config,
                     bwlimit}   data_dir/<bucket>/<key> holds the objects once rehearse is done
@@ -113,7 +124,11 @@ optimizer steps, null where unknown):
                                    preempted:kill | preempted:notice | interrupted |
                                    error (the store or a mount failed: see errors)
                      fault         null | {kind, trigger, nodes (struck), phase, at, at_step,
-                                   sigterm_at, sigkill_at, vm_lost: [{node, at}] in order,
+                                   sigterm_at, sigkill_at, vm_lost: [{node, at, unuploaded:
+                                   [{bucket, key, bytes}], unuploaded_count,
+                                   unuploaded_bytes}] in order (unuploaded: what the node's
+                                   mount caches held that the bucket did not, read just
+                                   before the loss; null if that could not be read),
                                    teardown (nodes torn down after the struck ones)}
                      decision, preempt_plan, exit_codes (per node), run_name,
                      resumed_from, resumed_path, resumed_key (bucket/key of resumed_path),
@@ -121,7 +136,11 @@ optimizer steps, null where unknown):
                      seconds_to_first_step (from launch), steps_lost,
                      bucket        null | {vm_lost, bucket, run_prefix, newest_complete_step,
                                    newest_complete_key, checkpoints: [{key, step, complete,
-                                   reason}] newest first} read after the fault
+                                   reason}] newest first, objects, bytes} read after the
+                                   fault (without skyspot events: no checkpoints, and
+                                   buckets: {<bucket>: {objects, bytes}})
+                     starts        [{node, world_size, time}]: start events of every node
+                     buckets_at_end  {<bucket>: {objects, bytes}} once the attempt ended
                      checkpoints   [{step, path, seconds, bytes, async, time, durable_step,
                                    lag_steps}] from node 0's checkpoint events
                      skipped_checkpoints  [step, ...]: periodic saves the trainer skipped
@@ -132,7 +151,9 @@ optimizer steps, null where unknown):
                     checkpoints: {count, mean_seconds, mean_bytes, max_lag_steps,
                                   skipped},
                     final_step, steps_executed, steps_lost, goodput, wall_seconds,
-                    wall_goodput}
+                    wall_goodput}   (null without skyspot events; steps_lost, goodput and
+                    wall_goodput null with splits or inconsistencies; goodput counts the
+                    steps from where the first attempt started)
 """
 
 SCHEMA = "skyspot-rehearsal/2"

@@ -1,13 +1,23 @@
-"""Attempts: the events node 0's trainer writes (``EventTail``), what one attempt did
-(``Attempt``), and SkyPilot's restart accounting for failures (``RecoveryPolicy``).
+"""Attempts: the events the trainer writes (``EventTail``), what one attempt did
+(``Attempt``), SkyPilot's restart accounting for failures (``RecoveryPolicy``), and what the
+buckets held through time, for any recipe (``BucketLog``).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rehearsal.buckets import Buckets
+
+# Node 0 writing any of these means the recipe speaks skyspot's events: the resume check,
+# steps lost and goodput apply. Without them the summary claims none of those.
+SKYSPOT_EVENTS = ("start", "step", "checkpoint")
 
 # ---------------------------------------------------------------------------------------------
 # Events written by the trainer (rank 0) to $SKYSPOT_EVENTS_FILE
@@ -77,11 +87,20 @@ class Attempt:
     step_times: list[tuple[int, float]] = field(default_factory=list)
     step_reached: int | None = None  # highest step/log event: the step:<N> trigger
     checkpoint_reached: int | None = None  # highest checkpoint event: the ckpt:<N> trigger
+    # start events of EVERY node's events file: [{node, world_size, time}] (a trainer emits
+    # them from global rank 0 only, so more than node 0's, or another size, is a split)
+    starts: list[dict] = field(default_factory=list)
+    buckets_at_end: dict | None = None  # {bucket: {objects, bytes}} once the attempt ended
+    skyspot_events: int = 0  # node 0's start/step/checkpoint events
 
     def observe(self, event: dict) -> None:
+        """One event of node 0's events file."""
         name, step = event["event"], event_step(event)
         when = event.get("time") if isinstance(event.get("time"), (int, float)) else time.time()
+        if name in SKYSPOT_EVENTS:
+            self.skyspot_events += 1
         if name == "start":
+            self.observe_node(0, event)
             self.run_name = event.get("run_name")
             if self.resumed_path is None and step is not None:
                 self.resumed_from = step
@@ -112,6 +131,14 @@ class Attempt:
             self.step_reached = max(step, self.step_reached or step)
         if name in ("step", "log", "checkpoint", "preemption", "exit") and step is not None:
             self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+    def observe_node(self, rank: int, event: dict) -> None:
+        """One event of node ``rank``'s events file: only its start events count here."""
+        if event["event"] != "start":
+            return
+        when = event.get("time") if isinstance(event.get("time"), (int, float)) else time.time()
+        self.starts.append({"node": rank, "world_size": event_step(event, "world_size"),
+                            "time": when})
 
     @property
     def steps_executed(self) -> int:
@@ -144,3 +171,64 @@ class PhaseResult:
     ending: str  # "exited", "failed", "preempted:<kind>"
     exit_codes: list[int]
     fault: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the buckets held through time (any recipe: objects and bytes, never their format)
+
+LISTING_ERRORS = (RuntimeError, OSError, ValueError, subprocess.SubprocessError)
+
+
+class BucketLog:
+    """Every bucket's object count and bytes through time, read through the S3 API
+    (``Buckets.list_objects``): a new entry only when either changed. ``poll`` is called
+    from the managed loop; it lists at most every ``every_s`` (or 5x what a listing took,
+    whichever is longer), so a slow listing never takes more than a fifth of the loop."""
+
+    def __init__(self, buckets: Buckets, every_s: float = 1.0) -> None:
+        self.buckets = buckets
+        self.every_s = every_s
+        self.entries: list[dict] = []  # [{time, bucket, objects, bytes}]
+        self.current: dict[str, dict] = {}
+        self.next_at = 0.0  # time.monotonic() of the next poll's listing
+
+    def poll(self) -> None:
+        if time.monotonic() >= self.next_at:
+            self.sample()
+
+    def sample(self) -> dict[str, dict]:
+        """List every bucket now; {bucket: {objects, bytes}} of those that could be listed."""
+        began = time.monotonic()
+        now: dict[str, dict] = {}
+        for bucket in self.buckets.buckets:
+            try:
+                objects = self.buckets.list_objects(bucket)
+            except LISTING_ERRORS:
+                continue  # the store is gone or busy: no entry rather than a wrong one
+            state = {"objects": len(objects), "bytes": sum(objects.values())}
+            now[bucket] = state
+            if self.current.get(bucket) != state:
+                self.current[bucket] = state
+                self.entries.append({"time": time.time(), "bucket": bucket, **state})
+        took = time.monotonic() - began
+        self.next_at = time.monotonic() + max(self.every_s, 5 * took)
+        return now
+
+
+def unuploaded_line(rank: int, entries: list[dict], shown: int = 5) -> str:
+    """One line for a lost VM's files that never reached the bucket."""
+    total = sum(e["bytes"] for e in entries)
+    names = [f"{e['bucket']}/{e['key']}" for e in entries[:shown]]
+    more = f", ... ({len(entries) - shown} more)" if len(entries) > shown else ""
+    return (f"node {rank}'s VM lost {len(entries)} file{'s' if len(entries) != 1 else ''}, "
+            f"{human_bytes(total)}, that never reached the bucket: {', '.join(names)}{more}")
+
+
+def human_bytes(value: float | None) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return "-"

@@ -65,14 +65,26 @@ class Buckets:
     """Where every bucket of the recipe lives during a rehearsal, as each node sees it."""
 
     def __init__(self, recipe: Recipe, workdir: Path, *, fuse: bool, bwlimit: str | None,
-                 note: str | None = None) -> None:
+                 note: str | None = None, host: str = "127.0.0.1") -> None:
         self.recipe, self.workdir, self.fuse, self.bwlimit = recipe, workdir, fuse, bwlimit
         self.note = note
+        self.host = host  # where the store and the mounts' remote control listen
         self.store: localstore.LocalObjectStore | None = None
         self.endpoint: str | None = None
         self.data_dir = workdir / "store" / "data" if fuse else workdir / "buckets"
         self.nodes: dict[int, list[NodeMount]] = {r: [] for r in range(recipe.num_nodes)}
         self.copies: list[Mount] = []  # file_mounts copied to every node: the same everywhere
+        self.prefix = ""  # "job<J>-" for a job of a pool: its nodes' directory names
+        self.parent: Buckets | None = None  # a pool's first job: owns the store and copies
+
+    def for_job(self, prefix: str) -> Buckets:
+        """The buckets as another job of the same pool sees them: the same store and buckets,
+        mounts of its own on each of its nodes (start() makes them, close() leaves the
+        store to this one)."""
+        other = Buckets(self.recipe, self.workdir, fuse=self.fuse, bwlimit=self.bwlimit,
+                        note=self.note, host=self.host)
+        other.prefix, other.parent = prefix, self
+        return other
 
     @property
     def buckets(self) -> list[str]:
@@ -80,9 +92,13 @@ class Buckets:
 
     def start(self) -> None:
         """Create the store and the buckets, upload local sources; mounts come per attempt."""
-        if self.fuse:
+        if self.parent is not None:
+            self.store, self.endpoint = self.parent.store, self.parent.endpoint
+            self.copies = self.parent.copies
+        elif self.fuse:
             try:
-                self.store = localstore.LocalObjectStore(self.workdir / "store").start()
+                self.store = localstore.LocalObjectStore(self.workdir / "store",
+                                                         host=self.host).start()
                 self.endpoint = self.store.endpoint
                 for bucket in self.buckets:
                     self.store.create_bucket(bucket)
@@ -90,11 +106,12 @@ class Buckets:
                 raise StorageError(f"local object store: {one_line(err)}") from None
         used: dict[str, int] = {}
         for path, spec in self.recipe.storage_mounts.items():
-            self._upload_sources(spec)
+            if self.parent is None:
+                self._upload_sources(spec)
             name = spec.bucket if spec.bucket not in used else f"{spec.bucket}.{used[spec.bucket]}"
             used[spec.bucket] = used.get(spec.bucket, 0) + 1
             for rank in self.nodes:
-                node = self.workdir / "nodes" / f"node{rank}"
+                node = self.workdir / "nodes" / f"{self.prefix}node{rank}"
                 if not self.fuse:  # one directory per bucket, shared by every node
                     nm = NodeMount(rank, path, spec, self.data_dir / spec.bucket, up=True,
                                    mounted=1)
@@ -102,11 +119,12 @@ class Buckets:
                 elif spec.mode in BUCKET_MODES:
                     nm = NodeMount(rank, path, spec, node / "mnt" / name,
                                    cache_dir=node / "cache" / name,
-                                   log_file=self.workdir / "logs" / f"rclone-node{rank}-{name}.log")
+                                   log_file=self.workdir / "logs" /
+                                   f"rclone-{self.prefix}node{rank}-{name}.log")
                 else:  # COPY: downloaded onto each fresh VM
                     nm = NodeMount(rank, path, spec, node / "copy" / name)
                 self.nodes[rank].append(nm)
-        for path, source in self.recipe.copy_mounts.items():
+        for path, source in self.recipe.copy_mounts.items() if self.parent is None else ():
             if "://" in source:  # COPY mode of a bucket given as a URL: a plain directory
                 scheme, _, rest = source.partition("://")
                 bucket, _, sub = rest.partition("/")
@@ -224,6 +242,8 @@ class Buckets:
         return (self.data_dir / bucket / key).read_bytes()
 
     def close(self, upload_timeout_s: float) -> None:
+        if self.parent is not None:  # the store (and every mount of it) is the parent's
+            self.store = None
         if self.store is not None:
             store, self.store = self.store, None
             try:
@@ -260,6 +280,33 @@ class Buckets:
                                       {"rank": r, "local": str(mount.local), "mount_point": None,
                                        "cache_dir": None, "mounted": 1} for r in self.nodes]}
         return storage, mounts
+
+    def unuploaded(self, rank: int) -> list[dict]:
+        """What the node wrote that its bucket does not hold: every file in the rclone VFS
+        caches of its mounts (``<cache_dir>/vfs/<remote>/<bucket>/<key>``) that is missing
+        from the bucket or has another size there, [{bucket, key, bytes}] by bucket and key.
+        Read just before its VM is lost, while the caches are still there; the caches first,
+        so a file uploaded meanwhile counts as in the bucket. [] on plain directories and for
+        MOUNT (no cache: a file is in the bucket once closed, or nowhere)."""
+        cached: dict[tuple[str, str], int] = {}
+        for nm in self.nodes[rank]:
+            if not self.fuse or not nm.up or nm.spec.mode not in BUCKET_MODES:
+                continue
+            cache_dir = nm.live.cache_dir if nm.live is not None else nm.cache_dir
+            if cache_dir is None:
+                continue
+            for root in sorted(Path(cache_dir).glob(f"vfs/*/{nm.spec.bucket}")):
+                for path in root.rglob("*"):
+                    try:
+                        if path.is_file():
+                            key = (nm.spec.bucket, path.relative_to(root).as_posix())
+                            cached[key] = max(cached.get(key, 0), path.stat().st_size)
+                    except OSError:
+                        continue  # rclone moved or removed it meanwhile (uploaded, deleted)
+        listings = {bucket: self.list_objects(bucket) for bucket in {b for b, _ in cached}}
+        return [{"bucket": bucket, "key": key, "bytes": size}
+                for (bucket, key), size in sorted(cached.items())
+                if listings[bucket].get(key) != size]
 
 
 def copy_into(src: Path, dst: Path) -> None:
@@ -310,6 +357,8 @@ def scan_bucket(buckets: Buckets, bucket: str, run_prefix: str | None) -> dict:
         "newest_complete_step": newest["step"] if newest else None,
         "newest_complete_key": newest["key"] if newest else None,
         "checkpoints": entries,
+        "objects": len(objects),  # the whole bucket's, whatever the recipe wrote
+        "bytes": sum(objects.values()),
     }
 
 

@@ -7,12 +7,21 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import threading
 import time
 from typing import TextIO
 
 import metadata_server
 
-from rehearsal.attempts import Attempt, EventTail, PhaseResult, RecoveryPolicy
+from rehearsal.attempts import (
+    LISTING_ERRORS,
+    Attempt,
+    BucketLog,
+    EventTail,
+    PhaseResult,
+    RecoveryPolicy,
+    unuploaded_line,
+)
 from rehearsal.buckets import StorageError, scan_bucket
 from rehearsal.faults import Fault, FaultRun, parse_preempt_at
 from rehearsal.nodes import Job, Node, controller_timestamp, start_node, stream_log
@@ -34,7 +43,11 @@ class Rehearsal:
         self.plans = parse_preempt_at(args.preempt_at, args.signal) if args.preempt_at else []
         self.metadata = metadata or []
         self.out: TextIO | None = None if args.quiet else sys.stdout
-        self.events = EventTail(job.workdir / "events" / "node0.jsonl")
+        self.events = EventTail(job.workdir / "events" / f"{job.node_name(0)}.jsonl")
+        self.node_events = {  # the other nodes': only their start events (a split job)
+            r: EventTail(job.workdir / "events" / f"{job.node_name(r)}.jsonl")
+            for r in range(1, job.recipe.num_nodes)}
+        self.bucket_log = BucketLog(job.buckets)  # every bucket's contents through time
         self.nodes: list[Node] = []
         self.attempts: list[Attempt] = []
         self.policy = RecoveryPolicy(
@@ -42,9 +55,18 @@ class Rehearsal:
         )
         self.run_location: tuple[str, str] | None = None  # (bucket, run dir key) of node 0
         self.started = time.time()
+        self.stop = threading.Event()  # set from another thread: stop within one poll
 
     def say(self, message: str) -> None:
-        print(f"rehearse: {message}", flush=True)
+        job = f"{self.job.prefix.rstrip('-')}: " if self.job.prefix else ""
+        print(f"rehearse: {job}{message}", flush=True)
+
+    def end_interrupted(self) -> None:
+        """Stopped from outside (Ctrl-C, SIGTERM): no node left, the attempt marked."""
+        self.kill_all()
+        if self.attempts and self.attempts[-1].ended is None:
+            self.attempts[-1].ended = time.time()
+            self.attempts[-1].ending = "interrupted"
 
     def next_plan(self) -> Fault | None:
         if self.plans:
@@ -85,6 +107,7 @@ class Rehearsal:
                 result = self.run_phase(attempt, "run", self.job.recipe.run, plan)
             attempt.ended, attempt.ending = time.time(), result.ending
             attempt.exit_codes, attempt.fault = result.exit_codes, result.fault
+            attempt.buckets_at_end = self.bucket_log.sample()
             for server in self.metadata:
                 server.notice = False  # the next attempt runs on fresh VMs
             self.say(f"attempt {attempt.index}: {result.ending}, exit codes {result.exit_codes}")
@@ -107,6 +130,9 @@ class Rehearsal:
 
     def inspect_bucket(self, attempt: Attempt) -> None:
         """Read the bucket through the S3 API after a fault: what survived it."""
+        if not any(a.skyspot_events for a in self.attempts):
+            self.inspect_bucket_generic(attempt)  # no skyspot checkpoints to look for
+            return
         vm_lost = bool(attempt.fault and attempt.fault["vm_lost"])
         if self.run_location is not None:
             bucket, prefix = self.run_location
@@ -130,20 +156,17 @@ class Rehearsal:
     def run_phase(
         self, attempt: Attempt, phase: str, script: str, plan: Fault | None
     ) -> PhaseResult:
-        logs = self.job.workdir / "logs"
-        self.nodes = [
-            start_node(
-                self.job, rank, self.job.node_script(rank, phase, script),
-                logs / f"attempt{attempt.index}-node{rank}.log", self.pid_namespace,
-            )
-            for rank in range(self.job.recipe.num_nodes)
-        ]
+        self.nodes = []
+        for rank in range(self.job.recipe.num_nodes):  # one by one: kill_all sees each
+            self.nodes.append(self.start_node(attempt, rank, phase, script))
         fault: FaultRun | None = None
         try:
             while True:
+                if self.stop.is_set():
+                    raise Interrupted()
                 self.read_events(attempt)
                 for node in self.nodes:
-                    stream_log(node, attempt.index, self.out)
+                    stream_log(node, attempt.index, self.out, tag=self.job.prefix)
                 codes = [node.exit_code for node in self.nodes]
                 if fault is not None:
                     self.advance(fault, attempt)
@@ -161,13 +184,14 @@ class Rehearsal:
                 elif plan is not None and self.due(plan, attempt):
                     fault = self.strike(plan, attempt, phase)
                     continue
+                self.bucket_log.poll()
                 time.sleep(POLL_SECONDS)
         finally:
             for node in self.nodes:
                 node.kill()  # no-op for nodes that exited; never leave one behind
         self.read_events(attempt)
         for node in self.nodes:
-            stream_log(node, attempt.index, self.out, final=True)
+            stream_log(node, attempt.index, self.out, final=True, tag=self.job.prefix)
         # A node we SIGKILLed reports 137, like SkyPilot's CANCELLED_RETURN_CODE.
         codes = [137 if node.killed else node.exit_code or 0 for node in self.nodes]
         self.nodes = []
@@ -178,6 +202,15 @@ class Rehearsal:
             # proc: a user failure on a live VM; a job that finished before its VM went is done.
             return PhaseResult("exited" if not any(codes) else "failed", codes, fault.record)
         return PhaseResult(f"preempted:{kind}", codes, fault.record)
+
+    def start_node(self, attempt: Attempt, rank: int, phase: str, script: str) -> Node:
+        name = f"attempt{attempt.index}-{phase}"
+        log = self.job.workdir / "logs" / f"attempt{attempt.index}-{self.job.node_name(rank)}.log"
+        try:
+            return start_node(self.job, rank, self.job.node_script(rank, phase, script), log, name)
+        except OSError as err:
+            self.kill_all()
+            raise StorageError(f"starting {self.job.node_name(rank)}: {one_line(err)}") from None
 
     def strike(self, plan: Fault, attempt: Attempt, phase: str) -> FaultRun:
         now = time.time()
@@ -246,9 +279,12 @@ class Rehearsal:
             self.teardown(fault)
 
     def lose_vm(self, fault: FaultRun, rank: int) -> None:
+        unuploaded = self.unuploaded(rank)  # before its caches go with the VM
         self.job.buckets.lose_vm(rank)
+        self.job.lose_vm(rank)
         fault.lost.add(rank)
         fault.record["vm_lost"].append({"node": rank, "at": time.time()})
+        self.record_unuploaded(fault, rank, unuploaded)
 
     def teardown(self, fault: FaultRun) -> None:
         """SkyPilot's recovery terminates the cluster: the nodes that were not struck go too."""
@@ -265,12 +301,14 @@ class Rehearsal:
         for event in self.events.read():
             attempt.observe(event)
             if event["event"] in ("checkpoint", "resumed") and event.get("path"):
-                location = self.job.buckets.bucket_key(0, str(event["path"]))
+                location = self.job.buckets.bucket_key(
+                    0, self.job.host_path(0, str(event["path"])))
                 if location is not None:
                     bucket, key = location
                     self.run_location = (bucket, key.rpartition("/")[0])
                     if event["event"] == "resumed":
                         attempt.resumed_key = f"{bucket}/{key}"
+        self.read_node_events(attempt)
 
     def due(self, plan: Fault, attempt: Attempt) -> bool:
         if plan.trigger == "time":
@@ -283,3 +321,59 @@ class Rehearsal:
         for node in self.nodes:
             node.kill()
         self.nodes = []
+
+    # -----------------------------------------------------------------------------------------
+    # For any recipe: the other nodes' start events, the buckets' contents, lost uploads
+
+    def read_node_events(self, attempt: Attempt) -> None:
+        """The start events of nodes 1.. (a trainer emits events from global rank 0 only)."""
+        for rank, tail in self.node_events.items():
+            for event in tail.read():
+                attempt.observe_node(rank, event)
+
+    def inspect_bucket_generic(self, attempt: Attempt) -> None:
+        """After a fault of a recipe without skyspot events: what each bucket holds."""
+        vm_lost = bool(attempt.fault and attempt.fault["vm_lost"])
+        states: dict[str, dict] = {}
+        for bucket in self.job.buckets.buckets:
+            try:
+                objects = self.job.buckets.list_objects(bucket)
+            except LISTING_ERRORS as err:
+                raise StorageError(f"reading bucket {bucket}: {one_line(err)}") from None
+            states[bucket] = {"objects": len(objects), "bytes": sum(objects.values())}
+        if not states:
+            return
+        first = next(iter(states))
+        attempt.bucket = {"vm_lost": vm_lost, "bucket": first, "run_prefix": None,
+                          "newest_complete_step": None, "newest_complete_key": None,
+                          "checkpoints": [], **states[first], "buckets": states}
+        held = "; ".join(f"bucket {b} holds {s['objects']} objects, {s['bytes']} bytes"
+                         for b, s in states.items())
+        self.say(f"attempt {attempt.index}: after the fault"
+                 f"{' (VM lost)' if vm_lost else ' (VM up, still uploading)'}: {held}")
+
+    def unuploaded(self, rank: int) -> list[dict] | None:
+        """What node rank wrote that its bucket does not hold (None: could not tell)."""
+        try:
+            return self.job.buckets.unuploaded(rank)
+        except LISTING_ERRORS as err:
+            self.say(f"cannot tell what node {rank} had not uploaded: {one_line(err)}")
+            return None
+
+    def record_unuploaded(self, fault: FaultRun, rank: int, found: list[dict] | None) -> None:
+        """Into the VM loss's record: what never reached the bucket. Listed again now that
+        the VM's rclone is dead: an upload that ended between the look and the loss counts
+        as in the bucket."""
+        entry = fault.record["vm_lost"][-1]
+        if found:
+            try:
+                now = {b: self.job.buckets.list_objects(b) for b in {f["bucket"] for f in found}}
+                found = [f for f in found if now[f["bucket"]].get(f["key"]) != f["bytes"]]
+            except LISTING_ERRORS:
+                pass  # keep what was found just before the loss
+        entry["unuploaded"] = found
+        entry["unuploaded_count"] = None if found is None else len(found)
+        entry["unuploaded_bytes"] = None if found is None else sum(f["bytes"] for f in found)
+        if found:
+            attempt = len(self.attempts)
+            self.say(f"attempt {attempt}: {unuploaded_line(rank, found)}")

@@ -1,6 +1,22 @@
-"""The nodes of the job: what each node sees (``Job``: its envs, its script, its cwd) and how
-it runs (``start_node``: a PID namespace, or a tracked process tree, per node, whose kill takes
-the whole tree like a lost VM).
+"""The nodes of the job: what each node sees (``Job``: its envs, its home, its script, its
+cwd) and how it runs (``start_node``).
+
+Guarantees. Every node runs its ``run:``/``setup:`` as SkyPilot does: written to a file and
+run by ``/bin/bash -i FILE`` (so ``~/.bashrc`` is sourced), with SkyPilot's environment, in a
+``HOME`` of its own (``WORKDIR/nodes/<node>/home``, with a ``.bashrc`` that ``setup:`` may
+append to; it survives restarts on the same VM and is emptied when the VM is lost).
+Isolation, best first:
+
+* ``vm``: the node is a VM of its own (vm.py, node_init.py): PID, mount, network and UTS
+  namespaces, every ``file_mounts`` target at its literal path (``/checkpoint``,
+  ``~/data``), the recipe's workdir at ``~/sky_workdir`` (the cwd, as on SkyPilot; a bind,
+  so writes there reach the real workdir), an address on the rehearsal's bridge
+  (``SKYPILOT_NODE_IPS``) and a hostname that resolves to it.
+* ``pid``: a PID namespace per node; mount paths are rewritten in envs and ``~/`` targets are
+  links in the node's home.
+* ``none``: a tracked process tree per node (psutil), as ``pid`` otherwise.
+
+Killing a node takes its whole tree, like a lost VM.
 """
 
 from __future__ import annotations
@@ -9,6 +25,7 @@ import ctypes
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -22,6 +39,7 @@ from typing import TextIO
 import localstore
 import psutil
 
+from rehearsal import vm
 from rehearsal.buckets import Buckets, remap
 from rehearsal.recipe import Recipe
 
@@ -34,35 +52,9 @@ CLOUDS = {  # --cloud -> what SkyPilot's str(cloud) reports, with a plausible re
 }
 
 
-# The init of every node. argv[1] is the script. Exits with bash's code (128+N for signal N).
-NODE_INIT = r"""
-import ctypes, os, signal, subprocess, sys
-if os.getpid() != 1:  # no PID namespace: adopt orphans so the node's tree stays whole
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-draining = False
-def drain(signum, frame):
-    global draining
-    draining = True  # preempted: stay up until every process of the node has exited
-signal.signal(signal.SIGTERM, drain)
-run = subprocess.Popen(["bash", "-c", sys.argv[1]])
-code = 143
-while True:
-    try:
-        pid, status = os.wait()
-    except ChildProcessError:
-        break
-    if pid == run.pid:
-        code = os.waitstatus_to_exitcode(status)
-        code = 128 - code if code < 0 else code
-        if not draining:
-            break
-if os.getpid() != 1:  # what the kernel does to a namespace whose init exits
-    import psutil
-    for proc in psutil.Process().children(recursive=True):
-        proc.kill()
-sys.exit(code)
-"""
-
+# The init of every node (PID 1 of its namespaces, or a subreaper without them).
+NODE_INIT = Path(__file__).resolve().parent / "node_init.py"
+ISOLATIONS = ("vm", "pid", "none")  # namespaces per node: all of them, PID only, none
 
 # Appended to run: on a node with MOUNT_CACHED mounts, like SkyPilot's rclone flush script:
 # the job ends once every mount of the node has uploaded what was closed. argv: rc URLs.
@@ -109,16 +101,69 @@ class Job:
     controller_started: str  # timestamp in SKYPILOT_TASK_ID; changes on a controller restart
     cpu_only: bool
     metadata_urls: list[str] = field(default_factory=list)  # per node, for --cloud aws/gcp/azure
+    isolation: str = "none"  # see ISOLATIONS and the module docstring
+    network: vm.Network | None = None  # the bridge, with isolation "vm"
+    vm_base: int = 0  # index of this job's node 0 among every VM of the rehearsal (pools)
+    prefix: str = ""  # "job<J>-" for a job of a pool: its node dirs, events files, hostnames
+    job_rank: int = 0  # SKYPILOT_JOB_RANK: a pool's job index, 0 for a plain managed job
+    num_jobs: int = 1  # SKYPILOT_NUM_JOBS
 
     @property
     def task_id(self) -> str:
         return f"sky-managed-{self.controller_started}_{self.recipe.name}_{self.job_id}-0"
 
+    def node_name(self, rank: int) -> str:
+        return f"{self.prefix}node{rank}"
+
+    def node_dir(self, rank: int) -> Path:
+        return self.workdir / "nodes" / self.node_name(rank)
+
+    def home(self, rank: int) -> Path:
+        """The node's HOME: fresh on a new VM, with the .bashrc a fresh VM has."""
+        home = self.node_dir(rank) / "home"
+        if not home.is_dir():
+            home.mkdir(parents=True)
+            skel = Path("/etc/skel/.bashrc")
+            (home / ".bashrc").write_text(skel.read_text() if skel.is_file() else "")
+        return home
+
+    def lose_vm(self, rank: int) -> None:
+        """The node's VM is gone: its home with it (the next VM gets a fresh one)."""
+        shutil.rmtree(self.node_dir(rank) / "home", ignore_errors=True)
+
+    def ips(self) -> list[str]:
+        if self.network is not None:
+            return [self.network.address(self.vm_base + r) for r in range(self.recipe.num_nodes)]
+        return node_ips(self.recipe.num_nodes)
+
+    def node_path(self, rank: int, path: str) -> str:
+        """A file_mounts target as the node sees it: ``~`` is the node's home."""
+        if path == "~" or path.startswith("~/"):
+            return str(self.home(rank)) + path[1:]
+        return path
+
+    def binds(self, rank: int) -> list[tuple[str, Path]]:
+        """(path inside the node, path here) for every file_mounts target, deepest last."""
+        pairs = [(self.node_path(rank, m.path), m.local) for m in self.buckets.mounts_for(rank)]
+        return sorted(pairs, key=lambda pair: pair[0].count("/"))
+
+    def host_path(self, rank: int, path: str) -> str:
+        """Where a path the node reported (e.g. a checkpoint under /checkpoint) is here."""
+        if self.isolation != "vm":
+            return path
+        target = os.path.normpath(path)
+        for inside, local in sorted(self.binds(rank), key=lambda b: len(b[0]), reverse=True):
+            inside = os.path.normpath(inside)
+            if target == inside or target.startswith(inside.rstrip("/") + "/"):
+                return str(local) + target[len(inside.rstrip("/")):]
+        return path
+
     def node_env(self, rank: int) -> dict[str, str]:
         env = dict(os.environ)
         mounts = self.buckets.mounts_for(rank)
         for key, value in self.recipe.envs.items():
-            env[key] = remap(value, mounts) or value
+            # In a VM the mount paths are real; elsewhere they are rewritten to this node's.
+            env[key] = value if self.isolation == "vm" else remap(value, mounts) or value
         env.update(self.recipe.secrets)
         cloud, region, zone = CLOUDS[self.cloud]
         bins = [os.path.dirname(sys.executable)]
@@ -133,7 +178,11 @@ class Job:
             "SKYPILOT_MANAGED_JOB_ID": str(self.job_id),
             "SKYPILOT_TASK_ID": self.task_id,
             "SKYPILOT_NODE_RANK": str(rank),
-            "SKYPILOT_NODE_IPS": "\n".join(node_ips(self.recipe.num_nodes)),
+            "SKYPILOT_NODE_IPS": "\n".join(self.ips()),
+            "SKYPILOT_TASK_IDS": self.task_id,
+            "SKYPILOT_JOB_RANK": str(self.job_rank),
+            "SKYPILOT_NUM_JOBS": str(self.num_jobs),
+            "HOME": str(self.home(rank)),
             "SKYPILOT_NUM_NODES": str(self.recipe.num_nodes),
             "SKYPILOT_NUM_GPUS_PER_NODE": str(self.gpus_per_node),
             "SKYPILOT_CLUSTER_INFO": json.dumps({
@@ -142,7 +191,7 @@ class Job:
                 "region": region,
                 "zone": zone,
             }),
-            "SKYSPOT_EVENTS_FILE": str(self.workdir / "events" / f"node{rank}.jsonl"),
+            "SKYSPOT_EVENTS_FILE": str(self.workdir / "events" / f"{self.node_name(rank)}.jsonl"),
             "PATH": os.pathsep.join([*bins, env.get("PATH", "")]),
         })
         if self.cpu_only:
@@ -160,11 +209,32 @@ class Job:
                 "exit $__skypilot_user_exit_code\n")
 
     def node_cwd(self, rank: int) -> Path:
-        if self.recipe.workdir is not None:
-            return self.recipe.workdir
-        home = self.workdir / "home" / f"node{rank}"
-        home.mkdir(parents=True, exist_ok=True)
-        return home
+        """SkyPilot syncs the workdir to ~/sky_workdir and runs there; without one, ~."""
+        if self.recipe.workdir is None:
+            return self.home(rank)
+        if self.isolation == "vm":
+            return self.home(rank) / "sky_workdir"
+        return self.recipe.workdir
+
+    def prepare_home(self, rank: int) -> None:
+        """Where each file_mounts target under ~ appears: a mount point made in the node's
+        home (in a VM), or a link to this node's copy of it (without one)."""
+        home = self.home(rank)
+        targets = [*self.binds(rank)]
+        if self.isolation == "vm" and self.recipe.workdir is not None:
+            targets.append((str(home / "sky_workdir"), self.recipe.workdir))
+        for inside, local in targets:
+            path = Path(inside)
+            if home not in path.parents:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if self.isolation == "vm":
+                if local.is_dir():
+                    path.mkdir(exist_ok=True)
+                elif not path.exists():
+                    path.touch()
+            elif not path.is_symlink():
+                path.symlink_to(local)
 
 
 def node_ips(num_nodes: int) -> list[str]:
@@ -200,6 +270,31 @@ def pid_namespaces_work() -> bool:
         return False
     probe = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "true"]
     return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def choose_isolation(wanted: str | None) -> tuple[str, str]:
+    """(isolation, "" or why the nodes are less than VMs): ``wanted``, or the best here."""
+    if wanted == "none":
+        return "none", "--isolation none"
+    if wanted in (None, "vm"):
+        ok, why = vm.probe()
+        if ok:
+            return "vm", ""
+    else:
+        why = "--isolation pid"
+    if pid_namespaces_work():
+        return "pid", why
+    return "none", f"{why}; unshare --pid unavailable too, so each node is a process tree " \
+        "tracked with psutil (a process that leaves the tree survives a kill)"
+
+
+def literal_mount_uses(recipe: Recipe) -> list[str]:
+    """Absolute file_mounts targets that run: or setup: name literally (not through an env).
+    Without a mount namespace they would be this machine's own paths."""
+    text = f"{recipe.run}\n{recipe.setup or ''}"
+    paths = [*recipe.storage_mounts, *recipe.copy_mounts]
+    return [p for p in paths if p.startswith("/")
+            and re.search(rf"(?<![\w/.-]){re.escape(p.rstrip('/'))}(?![\w.-])", text)]
 
 
 @dataclass
@@ -286,10 +381,35 @@ def wait_exited(procs: list[psutil.Process], timeout: float) -> None:
             time.sleep(0.01)
 
 
-def start_node(job: Job, rank: int, script: str, log: Path, pid_namespace: bool) -> Node:
-    command = [sys.executable, "-c", NODE_INIT, script]
-    if pid_namespace:
+def start_node(job: Job, rank: int, script: str, log: Path, name: str) -> Node:
+    """Start one node running ``script`` (already with SkyPilot's additions); ``name`` names
+    its script file, e.g. ``attempt2-run``. OSError if its VM cannot be made."""
+    node_dir = job.node_dir(rank)
+    (node_dir / "scripts").mkdir(parents=True, exist_ok=True)
+    script_file = node_dir / "scripts" / f"{name}.sh"
+    script_file.write_text(script if script.endswith("\n") else script + "\n")
+    job.prepare_home(rank)
+    config: dict = {"script": str(script_file), "cwd": str(job.node_cwd(rank))}
+    command = [sys.executable, str(NODE_INIT), str(node_dir / "init.json")]
+    names = None
+    if job.isolation == "vm":
+        assert job.network is not None
+        names = job.network.reserve()
+        address = job.network.address(job.vm_base + rank)
+        hostname = job.node_name(rank)
+        peers = {job.node_name(r): ip for r, ip in enumerate(job.ips())}
+        binds = [*job.binds(rank),
+                 ("/etc/hosts", vm.hosts_file(node_dir / "hosts", hostname, address, peers)),
+                 ("/etc/resolv.conf", vm.resolv_file(node_dir / "resolv.conf"))]
+        if job.recipe.workdir is not None:
+            binds.append((str(job.node_cwd(rank)), job.recipe.workdir))
+        config["vm"] = vm.vm_config(hostname=hostname, iface=names[1], address=address,
+                                    gateway=job.network.gateway, root=node_dir / "root",
+                                    binds=binds)
+        command = [*vm.UNSHARE, *command]
+    elif job.isolation == "pid":
         command = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *command]
+    (node_dir / "init.json").write_text(json.dumps(config, indent=1))
     log.parent.mkdir(parents=True, exist_ok=True)
     offset = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
@@ -298,15 +418,23 @@ def start_node(job: Job, rank: int, script: str, log: Path, pid_namespace: bool)
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=job.node_cwd(rank),
+            cwd=job.node_dir(rank),  # node_init.py changes to the node's cwd
             env=job.node_env(rank),
             start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the job's
             preexec_fn=_die_with_parent,
         )
-    return Node(rank, proc, log, pid_namespace, log_offset=offset)
+    node = Node(rank, proc, log, job.isolation != "none", log_offset=offset)
+    if names is not None:
+        try:
+            job.network.attach(proc.pid, names)
+        except OSError:
+            node.kill()
+            raise
+    return node
 
 
-def stream_log(node: Node, attempt: int, out: TextIO | None, final: bool = False) -> None:
+def stream_log(node: Node, attempt: int, out: TextIO | None, final: bool = False,
+               tag: str = "") -> None:
     """Print the new lines of a node's log with a prefix (the node writes to the file)."""
     try:
         with open(node.log, "rb") as f:
@@ -322,5 +450,5 @@ def stream_log(node: Node, attempt: int, out: TextIO | None, final: bool = False
         node.log_partial = b""
     if out is not None:
         for line in lines:
-            out.write(f"[a{attempt}/n{node.rank}] {line.decode(errors='replace')}\n")
+            out.write(f"[{tag}a{attempt}/n{node.rank}] {line.decode(errors='replace')}\n")
         out.flush()
