@@ -20,7 +20,6 @@ from rehearsal.attempts import (
     EventTail,
     PhaseResult,
     RecoveryPolicy,
-    unuploaded_line,
 )
 from rehearsal.buckets import StorageError, scan_bucket
 from rehearsal.faults import Fault, FaultRun, parse_preempt_at
@@ -374,6 +373,3 @@ class Rehearsal:
         entry["unuploaded"] = found
         entry["unuploaded_count"] = None if found is None else len(found)
         entry["unuploaded_bytes"] = None if found is None else sum(f["bytes"] for f in found)
-        if found:
-            attempt = len(self.attempts)
-            self.say(f"attempt {attempt}: {unuploaded_line(rank, found)}")

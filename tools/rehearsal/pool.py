@@ -1,12 +1,12 @@
-"""Pools: ``sky jobs pool apply POOL.yaml`` then ``sky jobs launch --pool P --num-jobs N JOB.yaml``.
+"""Pools: ``sky jobs pool apply POOL.yaml``, then ``sky jobs launch --pool P --num-jobs N``.
 
 What it guarantees:
 
 * ``load_pool`` reads the pool YAML and the job YAML with SkyPilot's own parser (an error is
   SkyPilot's, in one line) and merges them the way a pool runs a job: the workers' resources,
   ``file_mounts``, ``setup`` and ``workdir`` come from the pool YAML, and ``run``, ``name``,
-  ``envs`` (over the pool's), ``secrets`` and ``job_recovery`` from the job YAML. Without ``--pool`` the job
-  YAML alone is the recipe, as ``sky jobs launch --num-jobs N`` would run it.
+  ``envs`` (over the pool's), ``secrets`` and ``job_recovery`` from the job YAML. Without
+  ``--pool`` the job YAML alone is the recipe, as ``sky jobs launch --num-jobs N`` runs it.
 * ``run_jobs`` runs N single-job rehearsals (managed.Rehearsal, unchanged) at once, one
   thread each, against the same buckets. Each job has its own VMs (namespaces, mounts,
   caches, home), its own ``SKYPILOT_JOB_RANK`` (0..N-1) and ``SKYPILOT_NUM_JOBS`` (N), its

@@ -74,20 +74,27 @@ class Network:
 
     def start(self) -> Network:
         _remove_stale_bridges()
-        used = [ipaddress.ip_interface(word).network
-                for line in _ip("-o", "-4", "addr").stdout.splitlines()
-                for word in line.split() if "/" in word and word[0].isdigit()]
-        self.subnet = next(net for net in SUBNETS.subnets(new_prefix=24)
-                           if net.network_address.packed[2] != 0
-                           and not any(net.overlaps(u) for u in used))
-        _ip("link", "add", self.bridge, "type", "bridge", "forward_delay", "0")
-        try:
-            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
-        except OSError:
-            self.close()
-            raise
-        return self
+        candidates = [net for net in SUBNETS.subnets(new_prefix=24)
+                      if net.network_address.packed[2] != 0]
+        first = os.getpid() % len(candidates)  # concurrent rehearsals start apart
+        for net in candidates[first:] + candidates[:first]:
+            if any(net.overlaps(used) for _, used in _subnets()):
+                continue
+            self.subnet = net
+            _ip("link", "add", self.bridge, "type", "bridge", "forward_delay", "0")
+            try:
+                _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+                # Another rehearsal may have taken the same /24 meanwhile: two bridges with
+                # one subnet would route a node's packets to the other's. Then try the next.
+                if any(net.overlaps(used) for name, used in _subnets() if name != self.bridge):
+                    _ip("link", "del", self.bridge, check=False)
+                    continue
+                _ip("link", "set", self.bridge, "up")
+            except OSError:
+                self.close()
+                raise
+            return self
+        raise OSError(f"no free /24 in {SUBNETS} for the nodes' bridge")
 
     @property
     def gateway(self) -> str:
@@ -134,6 +141,17 @@ class Network:
         for name in _links():  # veths whose node namespace is somehow still alive
             if name.startswith(f"skv{self.tag}-"):
                 _ip("link", "del", name, check=False)
+
+
+def _subnets() -> list[tuple[str, ipaddress.IPv4Network]]:
+    """(interface, network) of every IPv4 address here."""
+    found = []
+    for line in _ip("-o", "-4", "addr").stdout.splitlines():
+        words = line.split()
+        for word in words[3:]:
+            if "/" in word and word[0].isdigit():
+                found.append((words[1], ipaddress.ip_interface(word).network))
+    return found
 
 
 def _links() -> list[str]:
