@@ -268,7 +268,7 @@ def test_mount_failures_are_clear_and_a_taken_port_is_retried(fuse, store, tmp_p
         ports = iter([taken_port])
         real_free_port = localstore._free_port
         monkeypatch.setattr(localstore, "_free_port",
-                            lambda: next(ports, None) or real_free_port())
+                            lambda host="127.0.0.1": next(ports, None) or real_free_port(host))
         m = store.mount("bkt", tmp_path / "mnt", mode="MOUNT", cache_dir=tmp_path / "c1")
     assert m.alive() and f":{taken_port}/" not in m.rc_url
     assert m.rc("vfs/stats")["fs"] == f"{localstore.REMOTE}:bkt"
