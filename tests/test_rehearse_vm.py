@@ -77,7 +77,8 @@ def test_home_paths_and_a_setup_that_appends_to_bashrc(rehearse, tmp_path):
     assert files == {"copied.txt": "hello from the copied dir",
                      "bashrc.txt": "set-by-setup",  # setup's export, sourced by bash -i
                      "home.txt": str(home),
-                     "pwd.txt": str(home / "data")}
+                     "pwd.txt": str(home / "data"),
+                     "setup-env.txt": "setup rank=0 node_rank=unset"}
     assert "FROM_BASHRC" in (home / ".bashrc").read_text()
 
 

@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rehearse: {recipe.path} -> {workdir} ({jobs}{recipe.num_nodes} node(s), "
           f"{job.gpus_per_node} GPU(s) each)", flush=True)
     fidelity = fidelity_lines(recipe, run_setup=args.run_setup, gpus_per_node=job.gpus_per_node)
+    if isolation == "vm" and args.run_setup and recipe.setup:
+        fidelity.append("rehearse: fidelity: warning: the nodes reach nothing beyond their "
+                        "bridge (no internet, no DNS): a setup: that downloads fails here, "
+                        "where a cloud VM would succeed")
     for line in fidelity:
         print(line, flush=True)
 

@@ -206,7 +206,8 @@ class Rehearsal:
         name = f"attempt{attempt.index}-{phase}"
         log = self.job.workdir / "logs" / f"attempt{attempt.index}-{self.job.node_name(rank)}.log"
         try:
-            return start_node(self.job, rank, self.job.node_script(rank, phase, script), log, name)
+            return start_node(self.job, rank, self.job.node_script(rank, phase, script), log, name,
+                              phase)
         except OSError as err:
             self.kill_all()
             raise StorageError(f"starting {self.job.node_name(rank)}: {one_line(err)}") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import getpass
 import json
 import os
 import re
@@ -158,7 +159,11 @@ class Job:
                 return str(local) + target[len(inside.rstrip("/")):]
         return path
 
-    def node_env(self, rank: int) -> dict[str, str]:
+    def node_env(self, rank: int, phase: str = "run") -> dict[str, str]:
+        """SkyPilot's environment for ``run:`` or ``setup:`` on node ``rank``. setup: gets
+        SKYPILOT_SETUP_NODE_RANK/_NODE_IPS/_NUM_GPUS_PER_NODE in place of the run:-only
+        SKYPILOT_NODE_RANK, _NODE_IPS and _NUM_GPUS_PER_NODE (cloud_vm_ray_backend._setup
+        and task_codegen in SkyPilot 0.14.1)."""
         env = dict(os.environ)
         mounts = self.buckets.mounts_for(rank)
         for key, value in self.recipe.envs.items():
@@ -194,6 +199,11 @@ class Job:
             "SKYSPOT_EVENTS_FILE": str(self.workdir / "events" / f"{self.node_name(rank)}.jsonl"),
             "PATH": os.pathsep.join([*bins, env.get("PATH", "")]),
         })
+        env["SKYPILOT_USER"] = env.get("SKYPILOT_USER") or getpass.getuser()
+        if phase == "setup":
+            env["SKYPILOT_SETUP_NODE_RANK"] = env.pop("SKYPILOT_NODE_RANK")
+            env["SKYPILOT_SETUP_NODE_IPS"] = env.pop("SKYPILOT_NODE_IPS")
+            env["SKYPILOT_SETUP_NUM_GPUS_PER_NODE"] = env.pop("SKYPILOT_NUM_GPUS_PER_NODE")
         if self.cpu_only:
             env.setdefault("ACCELERATE_USE_CPU", "1")
         return env
@@ -381,9 +391,11 @@ def wait_exited(procs: list[psutil.Process], timeout: float) -> None:
             time.sleep(0.01)
 
 
-def start_node(job: Job, rank: int, script: str, log: Path, name: str) -> Node:
-    """Start one node running ``script`` (already with SkyPilot's additions); ``name`` names
-    its script file, e.g. ``attempt2-run``. OSError if its VM cannot be made."""
+def start_node(job: Job, rank: int, script: str, log: Path, name: str,
+               phase: str = "run") -> Node:
+    """Start one node running ``script`` (already with SkyPilot's additions) as ``phase``
+    (run or setup); ``name`` names its script file, e.g. ``attempt2-run``. OSError if its
+    VM cannot be made."""
     node_dir = job.node_dir(rank)
     (node_dir / "scripts").mkdir(parents=True, exist_ok=True)
     script_file = node_dir / "scripts" / f"{name}.sh"
@@ -419,7 +431,7 @@ def start_node(job: Job, rank: int, script: str, log: Path, name: str) -> Node:
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=job.node_dir(rank),  # node_init.py changes to the node's cwd
-            env=job.node_env(rank),
+            env=job.node_env(rank, phase),
             start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the job's
             preexec_fn=_die_with_parent,
         )
