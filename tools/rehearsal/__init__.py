@@ -8,23 +8,35 @@ What it emulates, and where it deliberately differs from a real managed job:
 * The recipe is parsed by SkyPilot itself, exactly as ``sky jobs launch --env/--secret`` does
   (``load_chain_dag_from_yaml`` with the overrides, so an override is visible to everything the
   parser substitutes, e.g. a bucket name written as ``${BUCKET}``).
-* Every node is a PID namespace on this machine (``unshare --pid --fork --kill-child
-  --mount-proc``). Killing the namespace's init takes the whole tree, setsid'd torch-elastic
-  ranks included, like a lost VM. The namespace's init is a ten-line Python reaper that runs
-  ``bash -c RUN`` as its child rather than ``bash -c RUN`` itself: a PID 1 only receives the
-  signals it installed a handler for, so a bare ``bash -c 'python train.py'`` (which bash execs)
-  would make the trainer PID 1 and change what SIGTERM does to it. The reaper also keeps the
-  node alive after SIGTERM until every process is gone, as a VM's shutdown grace period does.
-  Without ``unshare`` the same reaper runs as a child subreaper and the tree is tracked with
-  psutil.
+* Every node is a VM of its own where this machine allows it (root, ``unshare``, ``ip``;
+  vm.py, node_init.py, nodes.py): PID, mount, network and UTS namespaces. Every
+  ``file_mounts`` target is at its literal path inside the node (``/checkpoint``, ``~/data``;
+  nothing is created on this machine's own paths), ``HOME`` is the node's own
+  (``WORKDIR/nodes/<node>/home``: kept across restarts on the same VM, emptied with the VM),
+  the recipe's workdir is at ``~/sky_workdir`` (a bind: writes reach the real workdir), and
+  the node has an address on a private bridge rehearse creates and removes
+  (``SKYPILOT_NODE_IPS``) and a hostname that resolves to it. The store, the mounts' remote
+  control and the metadata endpoints listen on the bridge's gateway. ``run:`` and ``setup:``
+  are written to a file and run by ``/bin/bash -i FILE`` (so ``~/.bashrc`` is sourced), as
+  SkyPilot does. Killing the namespace's init takes the whole tree, setsid'd torch-elastic
+  ranks included, like a lost VM. The init is a Python reaper that runs bash as its child:
+  a PID 1 only receives the signals it installed a handler for, so a trainer as PID 1 would
+  ignore SIGTERM. It keeps the node alive after SIGTERM until every process is gone, as a
+  VM's shutdown grace period does. ``--isolation pid`` (or where VMs cannot be made) gives a
+  PID namespace only, ``none`` a process tree tracked with psutil; both say so in one line,
+  rewrite mount paths in envs only, and refuse a recipe that names a mount path literally.
+* ``--pool-jobs N`` (with ``--pool POOL.yaml``: pool.py) runs N jobs of one pool at once,
+  each a managed job of its own (VMs, mounts, ``SKYPILOT_JOB_RANK``, faults, recovery)
+  against the same buckets; rehearsal.json is then ``{pool, status, ok, jobs: [...]}`` with
+  one summary per job as below.
 * Buckets are real. Every bucket of the recipe's ``file_mounts`` is a bucket on ONE local S3
   server per rehearsal (``rclone serve s3`` over ``WORKDIR/store/data``, tools/localstore.py),
   and every node mounts it on its own (``WORKDIR/nodes/node<r>/mnt/<bucket>``, with its own
   rclone VFS cache ``WORKDIR/nodes/node<r>/cache/<bucket>``) in the recipe's ``mode:``
   (MOUNT_CACHED with SkyPilot's own rclone flags and ``type:`` preset; MOUNT as a
   close-uploads mount like goofys) and ``--bwlimit`` on each mount's uploads. COPY-mode
-  buckets are downloaded into ``WORKDIR/nodes/node<r>/copy/`` on every fresh VM. Envs that
-  point into a mount path are rewritten per node to that node's mount. Every node gets
+  buckets are downloaded into ``WORKDIR/nodes/node<r>/copy/`` on every fresh VM. Without VMs,
+  envs that point into a mount path are rewritten per node to that node's mount. Every node gets
   ``RCLONE_CONFIG`` (the store's remote ``skyspot-local``) and rclone on ``PATH``, so a trainer
   can list the bucket behind its mount, as skyspot.durability does. Mounts are made before an
   attempt's nodes start and stay up across attempts unless a fault takes the VM.
@@ -36,8 +48,8 @@ What it emulates, and where it deliberately differs from a real managed job:
   everything. Rehearse appends the same wait, asking each mount's rclone (``vfs/stats``) every
   0.2 s instead of reading its log every 10 s, so a rehearsed job ends up to ~11 s sooner.
 * The recipe's ``workdir`` is resolved against the current directory, as ``sky`` does, so run
-  this from the repo root (recipes say ``workdir: .``). Without a workdir each node starts in an
-  empty ``WORKDIR/home/node<r>``, like a fresh VM's home.
+  this from the repo root (recipes say ``workdir: .``). Without a workdir each node starts in its
+  home, like a fresh VM's.
 * Restarts follow sky/jobs/recovery_strategy.py (``should_restart_on_failure``) and
   sky/jobs/controller.py: a preemption is recovered and never counted; a failed job (any node
   non-zero; the other nodes are then killed and report 137, as SkyPilot's ``get_or_fail``
@@ -87,14 +99,20 @@ fallback, the next attempt must resume from at least the newest checkpoint node 
 committed (REGRESSION otherwise); on the fallback a resume from a torn directory is a
 CORRUPTION too.
 
-Goodput: ``final step / optimizer steps executed across all attempts`` (steps executed in an
-attempt = last step seen - step it resumed from). The wall-time version is
-``final step * median seconds per step / wall seconds from first launch to the end``.
+Goodput (only with skyspot events, and only when the steps add up): ``useful steps /
+optimizer steps executed across all attempts``, useful steps = final step - the step the
+first attempt started at (a seeded run starts above 0), steps executed in an attempt = last
+step seen - step it resumed from. The wall-time version is ``useful steps * median seconds
+per step / wall seconds from first launch to the end``.
 
 WORKDIR/rehearsal.json (``"schema": "skyspot-rehearsal/2"``; times are Unix seconds, steps
 optimizer steps, null where unknown):
 
     schema, recipe, workdir, cloud, managed_job_id, num_nodes, pid_namespaces
+    isolation      vm | pid | none (what each node was; see above)
+    node_ips       SKYPILOT_NODE_IPS as the nodes got it
+    job_rank       SKYPILOT_JOB_RANK (0 unless a job of --pool-jobs)
+    fidelity       the "rehearse: fidelity: ..." lines printed at start
     status         SUCCEEDED | FAILED | FAILED_SETUP | MAX_ATTEMPTS | INTERRUPTED | ERROR
     ok             status is SUCCEEDED and there are no regressions, corruptions or splits
     regressions    ["REGRESSION: ...", ...]
