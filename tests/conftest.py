@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,15 @@ def tiny_assets(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "tools" / "tiny_assets.py"), str(out)],
                    check=True, capture_output=True, cwd=REPO)
     return out
+
+
+@pytest.fixture(scope="module")
+def rehearse():
+    """tools/rehearse.py loaded as a module (tools/ is not a package), as `python tools/...`
+    would run it; tests/rehearsing.py has the helpers that use it."""
+    spec = importlib.util.spec_from_file_location("rehearse", REPO / "tools" / "rehearse.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rehearse"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("rehearse", None)

@@ -11,7 +11,6 @@ that it left no mount and no rclone behind.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,13 +26,13 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tools" / "rehearse.py"
 FIXTURES = REPO / "tests" / "fixtures" / "rehearse"
 TOY = str(FIXTURES / "toy.yaml")
 TOY_2NODE = str(FIXTURES / "toy_2node.yaml")
 TOY_CACHED = str(FIXTURES / "toy_cached.yaml")
 sys.path.insert(0, str(REPO / "tools"))
 import localstore  # noqa: E402
+from rehearsing import SCRIPT, bucket_files, leftovers, rehearsal  # noqa: E402
 
 # /dev/fuse and fusermount3: without either, rehearse falls back to plain directories.
 FUSE, FUSE_WHY = localstore.fuse_available()
@@ -46,51 +45,10 @@ SLOW_SAVE = ["--bwlimit", "1M", "--env", "STATE_BYTES=100000", "--env", "WRITE_D
              "--env", "WRITE_DELAY_AT=10", "--env", "TOTAL_STEPS=10"]
 
 
-@pytest.fixture(scope="module")
-def rehearse():
-    """tools/ is not a package: load the script as a module, as `python tools/...` would."""
-    spec = importlib.util.spec_from_file_location("rehearse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rehearse"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("rehearse", None)
-
-
-def leftovers(path: Path) -> list[str]:
-    """FUSE mounts under path still in /proc/mounts, and live rclone processes naming path."""
-    found = [line for line in Path("/proc/mounts").read_text().splitlines()
-             if str(path) in line and "fuse" in line]
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmd = proc.info["cmdline"] or []
-        if cmd and cmd[0].endswith("rclone") and any(str(path) in arg for arg in cmd) and \
-                proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(f"pid {proc.pid}: {' '.join(cmd)}")
-    return found
-
-
 @pytest.fixture(autouse=True)
 def nothing_left_behind(tmp_path):
     yield
     assert leftovers(tmp_path) == []
-
-
-def rehearsal(rehearse, workdir: Path, *args: str) -> tuple[int, dict]:
-    """Run one rehearsal from the repo root (recipes say `workdir: .`); code and summary."""
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        code = rehearse.main([*args, "--workdir", str(workdir), "--quiet"])
-    finally:
-        os.chdir(cwd)
-    return code, json.loads((workdir / "rehearsal.json").read_text())
-
-
-def bucket_files(summary: dict, bucket: str) -> dict[str, bytes]:
-    """What the bucket holds once the rehearsal is over (the store's backing directory)."""
-    root = Path(summary["storage"]["data_dir"]) / bucket
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".")}
 
 
 class MarkerWatch:

@@ -8,7 +8,6 @@ bucket, and that the list is printed before the run starts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tools" / "rehearse.py"
 FIXTURES = REPO / "tests" / "fixtures" / "rehearse"
 ANY_OF = FIXTURES / "fidelity_any_of.yaml"
 UNNAMED = FIXTURES / "fidelity_unnamed.yaml"
@@ -27,17 +25,6 @@ DATA_BUCKET = "skyspot-fidelity-data"
 sys.path.insert(0, str(REPO / "tools"))
 from rehearsal import fidelity  # noqa: E402
 from rehearsal.recipe import BadInput, apply_bucket_sources, load_recipe  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def rehearse():
-    """tools/ is not a package: load the script as a module, as `python tools/...` would."""
-    spec = importlib.util.spec_from_file_location("rehearse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rehearse"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("rehearse", None)
 
 
 @pytest.fixture(scope="module")

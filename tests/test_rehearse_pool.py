@@ -8,30 +8,14 @@ job alone while the other runs on. The items in the bucket are counted one by on
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tools" / "rehearse.py"
 POOL = REPO / "tests" / "fixtures" / "rehearse" / "pool"
-sys.path.insert(0, str(REPO / "tools"))
-from rehearsal import vm  # noqa: E402
-
-VM_OK, VM_WHY = vm.probe()
-
-
-@pytest.fixture(scope="module")
-def rehearse():
-    spec = importlib.util.spec_from_file_location("rehearse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rehearse"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("rehearse", None)
+from rehearsing import VM_OK, VM_WHY  # noqa: E402
 
 
 @pytest.mark.skipif(not VM_OK, reason=f"the job's mount path /outputs needs VMs: {VM_WHY}")

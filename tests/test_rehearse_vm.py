@@ -11,32 +11,14 @@ test that applies is the refusal of literal mount paths.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tools" / "rehearse.py"
 VM_FIXTURES = REPO / "tests" / "fixtures" / "rehearse" / "vm"
-sys.path.insert(0, str(REPO / "tools"))
-from rehearsal import vm  # noqa: E402
-
-VM_OK, VM_WHY = vm.probe()
-needs_vm = pytest.mark.skipif(not VM_OK, reason=f"nodes cannot be VMs here: {VM_WHY}")
-
-
-@pytest.fixture(scope="module")
-def rehearse():
-    spec = importlib.util.spec_from_file_location("rehearse", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rehearse"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("rehearse", None)
+from rehearsing import SCRIPT, bucket_files, needs_vm  # noqa: E402
 
 
 def run(rehearse, recipe: str, workdir: Path, *args: str) -> tuple[int, dict]:
@@ -45,9 +27,8 @@ def run(rehearse, recipe: str, workdir: Path, *args: str) -> tuple[int, dict]:
     return code, json.loads((workdir / "rehearsal.json").read_text())
 
 
-def bucket_files(summary: dict, bucket: str) -> dict[str, str]:
-    root = Path(summary["storage"]["data_dir"]) / bucket
-    return {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*") if p.is_file()}
+def texts(summary: dict, bucket: str) -> dict[str, str]:
+    return {key: data.decode() for key, data in bucket_files(summary, bucket).items()}
 
 
 @needs_vm
@@ -55,7 +36,7 @@ def test_hard_coded_mount_path_lands_in_the_bucket_not_on_this_machine(rehearse,
     assert not Path("/checkpoint").exists(), "this machine has a /checkpoint: test can't tell"
     code, summary = run(rehearse, "literal_path.yaml", tmp_path / "rh")
     assert code == 0 and summary["status"] == "SUCCEEDED"
-    files = bucket_files(summary, "skyspot-vm-literal")
+    files = texts(summary, "skyspot-vm-literal")
     assert {k: v.strip() for k, v in files.items() if "step-" in k} == {
         f"run1/step-{s}.txt": f"weights at step {s}" for s in (1, 2, 3)}
     assert files["run1/listing.txt"].split() == ["listing.txt", "step-1.txt", "step-2.txt",
@@ -72,7 +53,7 @@ def test_home_paths_and_a_setup_that_appends_to_bashrc(rehearse, tmp_path):
     code, summary = run(rehearse, "home_paths.yaml", workdir, "--env", f"DATA_SRC={data}",
                         "--run-setup")
     assert code == 0, summary
-    files = {k: v.strip() for k, v in bucket_files(summary, "skyspot-vm-home").items()}
+    files = {k: v.strip() for k, v in texts(summary, "skyspot-vm-home").items()}
     home = workdir / "nodes" / "node0" / "home"
     assert files == {"copied.txt": "hello from the copied dir",
                      "bashrc.txt": "set-by-setup",  # setup's export, sourced by bash -i
@@ -89,7 +70,7 @@ def test_home_survives_a_restart_on_the_same_vm_and_goes_with_the_vm(rehearse, t
     assert code == 0, summary
     endings = [a["ending"] for a in summary["attempts"]]
     assert endings == ["failed", "preempted:kill", "exited"], endings
-    seen = [v.strip() for _, v in sorted(bucket_files(summary, "skyspot-vm-lifetime").items())]
+    seen = [v.strip() for _, v in sorted(texts(summary, "skyspot-vm-lifetime").items())]
     assert seen == ["1", "2", "1"]  # same VM after the process loss; a fresh one after the kill
 
 
@@ -97,7 +78,7 @@ def test_home_survives_a_restart_on_the_same_vm_and_goes_with_the_vm(rehearse, t
 def test_c10d_rendezvous_on_the_head_forms_one_world_of_two(rehearse, tmp_path):
     code, summary = run(rehearse, "c10d_2node.yaml", tmp_path / "rh")
     assert code == 0, summary
-    ranks = [json.loads(v) for v in bucket_files(summary, "skyspot-vm-c10d").values()]
+    ranks = [json.loads(v) for v in texts(summary, "skyspot-vm-c10d").values()]
     assert sorted((r["rank"], r["node_rank"]) for r in ranks) == [(0, 0), (1, 1)]
     assert {(r["world_size"], r["sum"]) for r in ranks} == {(2, 3.0)}  # one all_reduce of 1+2
     ips = summary.get("node_ips") or []
@@ -108,7 +89,7 @@ def test_c10d_rendezvous_on_the_head_forms_one_world_of_two(rehearse, tmp_path):
 def test_pkill_f_on_the_recipes_own_helper_leaves_the_shell_alive(rehearse, tmp_path):
     code, summary = run(rehearse, "pkill.yaml", tmp_path / "rh")
     assert code == 0 and summary["status"] == "SUCCEEDED", summary
-    assert bucket_files(summary, "skyspot-vm-pkill") == {"done.txt": "survived pkill\n"}
+    assert texts(summary, "skyspot-vm-pkill") == {"done.txt": "survived pkill\n"}
     assert not Path("/results").exists()
 
 

@@ -17,7 +17,6 @@ import random
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -282,13 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted):
         statuses = ["INTERRUPTED"] * len(rehearsals)
         for rehearsal in rehearsals:
-            rehearsal.end_interrupted()
+            rehearsal.end_attempt("interrupted")
     except (StorageError, BadInput) as err:
         errors.append(str(err))
         for rehearsal in rehearsals:
-            if rehearsal.attempts and rehearsal.attempts[-1].ended is None:
-                rehearsal.attempts[-1].ended = time.time()
-                rehearsal.attempts[-1].ending = "error"
+            rehearsal.end_attempt("error")
     finally:
         for rehearsal in rehearsals:
             rehearsal.kill_all()

@@ -224,11 +224,12 @@ def unuploaded_line(rank: int, entries: list[dict], shown: int = 5) -> str:
             f"{human_bytes(total)}, that never reached the bucket: {', '.join(names)}{more}")
 
 
-def human_bytes(value: float | None) -> str:
+def human_bytes(value: float | None, sep: str = " ") -> str:
+    """1234567 -> "1.2 MB" (decimal units); "-" for no number. sep goes between the two."""
     if not isinstance(value, (int, float)):
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
         if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            return f"{value:.0f}{sep}{unit}" if unit == "B" else f"{value:.1f}{sep}{unit}"
         value /= 1000
     return "-"

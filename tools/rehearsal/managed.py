@@ -60,12 +60,13 @@ class Rehearsal:
         job = f"{self.job.prefix.rstrip('-')}: " if self.job.prefix else ""
         print(f"rehearse: {job}{message}", flush=True)
 
-    def end_interrupted(self) -> None:
-        """Stopped from outside (Ctrl-C, SIGTERM): no node left, the attempt marked."""
+    def end_attempt(self, ending: str) -> None:
+        """Stopped from outside (Ctrl-C, SIGTERM: "interrupted"; a store or mount failure:
+        "error"): no node left, and the attempt under way ends with ``ending``."""
         self.kill_all()
         if self.attempts and self.attempts[-1].ended is None:
             self.attempts[-1].ended = time.time()
-            self.attempts[-1].ending = "interrupted"
+            self.attempts[-1].ending = ending
 
     def next_plan(self) -> Fault | None:
         if self.plans:

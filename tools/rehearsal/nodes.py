@@ -22,6 +22,7 @@ Killing a node takes its whole tree, like a lost VM.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import getpass
 import json
@@ -41,7 +42,7 @@ import localstore
 import psutil
 
 from rehearsal import vm
-from rehearsal.buckets import Buckets, remap
+from rehearsal.buckets import Buckets, Mount, remap
 from rehearsal.recipe import Recipe
 
 PR_SET_PDEATHSIG = 1
@@ -143,21 +144,21 @@ class Job:
             return str(self.home(rank)) + path[1:]
         return path
 
+    def node_mounts(self, rank: int) -> list[Mount]:
+        """Every file_mounts target of the node, at the path the node sees it."""
+        return [dataclasses.replace(m, path=self.node_path(rank, m.path))
+                for m in self.buckets.mounts_for(rank)]
+
     def binds(self, rank: int) -> list[tuple[str, Path]]:
         """(path inside the node, path here) for every file_mounts target, deepest last."""
-        pairs = [(self.node_path(rank, m.path), m.local) for m in self.buckets.mounts_for(rank)]
+        pairs = [(m.path, m.local) for m in self.node_mounts(rank)]
         return sorted(pairs, key=lambda pair: pair[0].count("/"))
 
     def host_path(self, rank: int, path: str) -> str:
         """Where a path the node reported (e.g. a checkpoint under /checkpoint) is here."""
         if self.isolation != "vm":
             return path
-        target = os.path.normpath(path)
-        for inside, local in sorted(self.binds(rank), key=lambda b: len(b[0]), reverse=True):
-            inside = os.path.normpath(inside)
-            if target == inside or target.startswith(inside.rstrip("/") + "/"):
-                return str(local) + target[len(inside.rstrip("/")):]
-        return path
+        return remap(os.path.normpath(path), self.node_mounts(rank)) or path
 
     def node_env(self, rank: int, phase: str = "run") -> dict[str, str]:
         """SkyPilot's environment for ``run:`` or ``setup:`` on node ``rank``. setup: gets

@@ -89,7 +89,7 @@ def run_jobs(rehearsals: list[Rehearsal]) -> list[str]:
             statuses[index] = rehearsals[index].run()
         except Interrupted:
             statuses[index] = "INTERRUPTED"
-            rehearsals[index].end_interrupted()
+            rehearsals[index].end_attempt("interrupted")
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread below
             errors[index] = err
             rehearsals[index].kill_all()

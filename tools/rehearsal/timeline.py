@@ -216,16 +216,6 @@ def summarize(rehearsal: Rehearsal, status: str, regressions: list[str],
     }
 
 
-def _size(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    return "-"
-
-
 NOT_SKYSPOT = "this recipe does not write skyspot checkpoints: the resume check does not apply"
 
 
@@ -274,8 +264,9 @@ def print_summary(summary: dict, t0: float) -> None:
     if skyspot:
         print("\ncheckpoints (step: seconds to commit, bytes, newest step in the bucket then):")
         for a in summary["attempts"]:
-            items = [f"{c['step']}: {fmt(_round(c['seconds']), 's')} {_size(c['bytes'])} "
-                     f"bucket@{fmt(c.get('durable_step'))}" for c in a["checkpoints"]]
+            items = [f"{c['step']}: {fmt(_round(c['seconds']), 's')} "
+                     f"{human_bytes(c['bytes'], sep='')} bucket@{fmt(c.get('durable_step'))}"
+                     for c in a["checkpoints"]]
             print(f"  attempt {a['index']}: " + ("; ".join(items) if items else "none"))
     print_buckets(summary)
     t = summary["totals"]

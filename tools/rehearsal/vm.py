@@ -32,6 +32,7 @@ import psutil
 
 BRIDGE = re.compile(r"^sks([0-9a-f]+)$")
 SUBNETS = ipaddress.ip_network("10.213.0.0/16")
+MAX_NODES = 250  # addresses .2 to .251 of the bridge's /24
 NS_WAIT_S = 10.0
 UNSHARE = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net",
            "--uts"]
@@ -104,8 +105,8 @@ class Network:
     def address(self, index: int) -> str:
         """The address of VM ``index`` (0-based over every node of every job)."""
         assert self.subnet is not None
-        if not 0 <= index < 250:
-            raise ValueError(f"at most 250 nodes per rehearsal, not {index + 1}")
+        if not 0 <= index < MAX_NODES:
+            raise ValueError(f"at most {MAX_NODES} nodes per rehearsal, not {index + 1}")
         return str(self.subnet.network_address + 2 + index)
 
     def reserve(self) -> tuple[str, str]:
