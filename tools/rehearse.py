@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             if fault.node is not None and fault.node >= recipe.num_nodes:
                 raise BadInput(f"--preempt-at {fault.describe()}: no node {fault.node} (the "
                                f"recipe has {recipe.num_nodes} node(s), ranks from 0)")
+        if args.pool_jobs * recipe.num_nodes > vm.MAX_NODES:
+            raise BadInput(f"--pool-jobs {args.pool_jobs} x {recipe.num_nodes} node(s) is more "
+                           f"than the {vm.MAX_NODES} nodes one rehearsal can run")
         check_sources(recipe)
         isolation, isolation_note = choose_isolation(args.isolation)
         literal = literal_mount_uses(recipe) if isolation != "vm" else []
