@@ -221,3 +221,21 @@ def _json_kind(value) -> str:
         if isinstance(value, kind):
             return name
     return type(value).__name__
+
+
+def tokenizer_identity(tokenizer, name: str) -> dict:
+    """What a tokenization depends on, for a preprocessed dataset's manifest and the check
+    at train time: ``name`` as given (a hub id or a path; informative only, since one
+    tokenizer may be named two ways) and ``sha256`` over the fast tokenizer's canonical
+    JSON (vocabulary, merges, normalizer, pre-tokenizer, post-processor, added tokens) and
+    the special token ids the packing uses. Equal sha256 means equal token ids."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DatasetError(f"tokenizer {name}: not a fast tokenizer (no tokenizer.json); "
+                           "skyspot packs with the Rust tokenizers only")
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(json.dumps({"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id},
+                             sort_keys=True).encode())
+    return {"name": name, "sha256": digest.hexdigest()}
