@@ -199,6 +199,7 @@ def preprocess(cfg: Config) -> int:
         # survive a fork (it deadlocks), and one process per core needs no threads.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     output = units.Output(Path(cfg.output_dir), worker)
+    names, datasets = load_sources(cfg)  # bad input is found before the slow imports
 
     import transformers
 
@@ -212,7 +213,6 @@ def preprocess(cfg: Config) -> int:
         raise ConfigError(f"--tokenizer {cfg.tokenizer} has no EOS token to put between "
                           "documents")
     identity = tokenizer_identity(tokenizer, cfg.tokenizer)
-    names, datasets = load_sources(cfg)
     plan = units.plan_units([(name, len(ds)) for name, ds in zip(names, datasets, strict=True)],
                             cfg.unit_rows)
     output.ensure_plan({
@@ -221,6 +221,8 @@ def preprocess(cfg: Config) -> int:
                                                                          strict=True)],
         "settings": {"tokenizer": identity, "seq_len": cfg.seq_len,
                      "text_column": cfg.text_column}})
+    if units.read_manifest(output.root) is not None:
+        return report(output, "already complete")
     output.announce()
     log.info("%d units of up to %d documents; worker %d of %d, %d process(es)", len(plan),
              cfg.unit_rows, worker.rank, worker.num_workers, num_proc)
@@ -261,13 +263,17 @@ def preprocess(cfg: Config) -> int:
                       f"within {cfg.durable_wait_seconds:.0f} s (first: part-"
                       f"{outcome.not_durable[0]:05d}); see the mount's upload log. A rerun "
                       "redoes what is missing")
-    manifest = units.read_manifest(output.root)
-    if manifest is None:  # only when another worker's upload is still pending
+    if units.read_manifest(output.root) is None:  # another worker's upload still pending
         raise OSError(f"{output.root}: every unit is committed but the bucket does not list "
                       "them all yet; rerun, or let another worker write manifest.json")
+    return report(output, "complete")
+
+
+def report(output: units.Output, state: str) -> int:
+    manifest = units.read_manifest(output.root)
     info = manifest["info"]
-    print(f"{output.root}: {manifest['units']} parts, {info['sequences']:,} sequences of "
-          f"{info['seq_len']} tokens ({info['tokens']:,} tokens, {info['documents']:,} "
+    print(f"{output.root}: {state}: {manifest['units']} parts, {info['sequences']:,} sequences "
+          f"of {info['seq_len']} tokens ({info['tokens']:,} tokens, {info['documents']:,} "
           f"documents, {manifest['bytes'] / 1e6:.1f} MB)")
     return 0
 

@@ -382,12 +382,19 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
                     break
                 if index not in own and time.monotonic() - listed_at > _LIST_EVERY_S:
                     committed, listed_at = output.committed(), time.monotonic()
+                    if (output.root / MANIFEST).exists():
+                        break  # another worker saw every unit in the bucket
                 if index in committed:
                     continue  # another worker got there first
                 unit = by_index[index]
                 temp = output.temp_for(unit)
                 if pool is None:
-                    in_flight[index] = (work(unit, temp), temp)
+                    try:
+                        in_flight[index] = (work(unit, temp), temp)
+                    except FileNotFoundError:  # _tmp removed by the manifest's writer
+                        if not (output.root / MANIFEST).exists():
+                            raise
+                        break
                 else:
                     in_flight[index] = (pool.apply_async(_run_in_child, (unit, str(temp))), temp)
                 _collect(output, by_index, in_flight, outcome, own, progress,
@@ -451,8 +458,15 @@ def _collect(output: Output, by_index: dict[int, Unit], in_flight: dict, outcome
             continue
         for index in finished:
             result, temp = in_flight.pop(index)
-            stats = result if isinstance(result, dict) else result.get()
-            output.commit(by_index[index], temp)
+            try:
+                stats = result if isinstance(result, dict) else result.get()
+                output.commit(by_index[index], temp)
+            except FileNotFoundError:
+                # Its temporary file (or _tmp itself) was removed by the worker that wrote
+                # the manifest: the unit is committed, by another worker.
+                if not (output.root / MANIFEST).exists():
+                    raise
+                continue
             outcome.done_here.append(index)
             if index not in own:
                 outcome.stolen.append(index)
