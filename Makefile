@@ -14,7 +14,7 @@ DEMO_DIR    ?= runs/demo
 # FUSE=no skips the install, e.g. `make setup FUSE=no`.
 FUSE        ?= yes
 
-.PHONY: setup demo test lint bench-lag clean
+.PHONY: setup demo test lint bench-lag bench-data clean
 
 # What every target needs. $(VENV)/.fuse marks that the fuse3 step ran for this .venv, so
 # `make test` and `make demo` change system packages at most once, on first use; an explicit
@@ -69,6 +69,11 @@ lint: $(READY)
 # Bucket lag on a capped MOUNT_CACHED upload: skipping saves while uploading vs not (~2 min).
 bench-lag: $(READY)
 	$(BIN)/python tools/bench_lag.py --workdir runs/bench-lag
+
+# Data path: preprocessing tokens/s vs datasets.map, train/lm.py's data memory at 1x and 10x
+# (raw vs preprocessed), time to the first step (~10 min on 2 cores).
+bench-data: $(READY)
+	$(BIN)/python tools/bench_data.py --workdir runs/bench-data
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

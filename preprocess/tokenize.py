@@ -46,6 +46,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from skyspot import PREEMPTED_EXIT_CODE, skyenv, units  # noqa: E402
+from skyspot.events import EventLog  # noqa: E402
 from skyspot.preemption import Preemption  # noqa: E402
 from skyspot.textdata import (  # noqa: E402
     DatasetError,
@@ -234,11 +235,13 @@ def preprocess(cfg: Config) -> int:
 
     bar = tqdm(total=len(plan), initial=len(output.committed()), unit="unit",
                dynamic_ncols=True, disable=None, desc=f"tokenize w{worker.rank}")
-    started, tokens = time.monotonic(), 0
+    started, tokens, done = time.monotonic(), 0, 0
+    events = EventLog(None)  # a live local log only where SKYSPOT_EVENTS_FILE is set (rehearse)
 
     def progress(unit: units.Unit, stats: dict) -> None:
-        nonlocal tokens
-        tokens += stats["tokens"]
+        nonlocal tokens, done
+        tokens, done = tokens + stats["tokens"], done + 1
+        events.emit("unit", step=done, unit=unit.index, tokens=stats["tokens"], persist=False)
         bar.update(1)
         bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tok/s")
 

@@ -75,7 +75,7 @@ FORMAT = "skyspot.units/1"
 DATA, TMP, WORKERS = "data", "_tmp", "_workers"
 PLAN, MANIFEST = "plan.json", "manifest.json"
 STATS_KEY = b"skyspot.unit"  # Parquet key-value metadata: the unit's stats, as JSON
-_PART = re.compile(r"^part-(\d{5,})\.parquet$")
+PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 _LIST_EVERY_S = 5.0  # how stale the listing of committed units may get while stealing
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -198,11 +198,11 @@ class Output:
         seen: dict[int, int] = {}
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.data):
-                match = _PART.match(entry.name)
+                match = PART_NAME.match(entry.name)
                 if match and entry.is_file(follow_symlinks=False):
                     seen[int(match[1])] = entry.stat(follow_symlinks=False).st_size
         for name, size in (self.in_bucket() or {}).items():
-            match = _PART.match(name)
+            match = PART_NAME.match(name)
             if match:
                 seen.setdefault(int(match[1]), size)
         return seen
@@ -425,7 +425,7 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
         sizes = output.committed()
         listed = output.in_bucket()
         in_bucket = set(sizes) if listed is None else {
-            int(m[1]) for m in map(_PART.match, listed) if m}
+            int(m[1]) for m in map(PART_NAME.match, listed) if m}
         if all(unit.index in in_bucket for unit in units):
             if read_manifest(output.root) is None:
                 output.write_manifest(units, sizes, kind, summarize)

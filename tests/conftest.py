@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from preprocessing import outputs, run_tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,3 +32,16 @@ def rehearse():
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("rehearse", None)
+
+
+@pytest.fixture(scope="session")
+def corpus(tiny_assets, tmp_path_factory) -> dict:
+    """The tiny dataset 4x (11,220 documents, ~1.4M tokens: 57 units of 200 documents) and
+    the reference output: one worker, one process, no interruption."""
+    root = tmp_path_factory.mktemp("corpus")
+    text = (tiny_assets / "data" / "train.jsonl").read_text()
+    (root / "train.jsonl").write_text(text * 4)
+    args = {"dataset": root / "train.jsonl", "tokenizer": tiny_assets / "model"}
+    reference = root / "reference"
+    run_tokenize(args, reference, "--num-proc", "1", check=True)
+    return {**args, "reference": reference, "files": outputs(reference)}

@@ -127,7 +127,9 @@ class Attempt:
             self.skipped_checkpoints.append(step)
         elif name == "preemption":
             self.preemption_reason = str(event.get("reason"))
-        if name in ("step", "log") and step is not None:
+        # A skyspot.units worker (preprocess/, infer/) reports each committed unit as a
+        # "unit" event whose step counts the units of this attempt: --preempt-at step:N.
+        if name in ("step", "log", "unit") and step is not None:
             self.step_reached = max(step, self.step_reached or step)
         if name in ("step", "log", "checkpoint", "preemption", "exit") and step is not None:
             self.last_step = step if self.last_step is None else max(self.last_step, step)
