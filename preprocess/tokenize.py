@@ -136,8 +136,8 @@ def load_sources(cfg: Config) -> tuple[list[str], list]:
 
 
 class Packer:
-    """Tokenizes and packs one unit into a Parquet file. Picklable state only: it runs in
-    forked pool processes."""
+    """Tokenizes and packs one unit into a Parquet file. Picklable (the tokenizer, datasets
+    memory-mapped from their Arrow cache files): --num-proc processes each get a copy."""
 
     def __init__(self, cfg: Config, tokenizer, datasets: list):
         self.tokenizer, self.datasets = tokenizer, datasets
@@ -196,8 +196,8 @@ def preprocess(cfg: Config) -> int:
                                None if cfg.num_shards < 1 else cfg.num_shards)
     num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
     if num_proc > 1:
-        # Forked processes each tokenize single-threaded: Rust's thread pool does not
-        # survive a fork (it deadlocks), and one process per core needs no threads.
+        # Each process tokenizes single-threaded: one process per core needs no threads, and
+        # Rust's thread pool would oversubscribe the cores (and deadlocks across a fork).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     output = units.Output(Path(cfg.output_dir), worker)
     names, datasets = load_sources(cfg)  # bad input is found before the slow imports

@@ -334,16 +334,18 @@ class Outcome:
 WorkFn = Callable[[Unit, Path], dict]  # writes the unit's file to the path; returns stats
 
 
-def _child_init() -> None:
+def _child_init(work: WorkFn) -> None:
     """Pool processes: the parent decides what a SIGTERM means (finish and commit), and a
     parent that dies (SIGKILL, a lost VM) takes them along, instead of leaving them writing."""
+    global _WORK
+    _WORK = work
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-_WORK: WorkFn | None = None  # the work function in a pool process (set before fork)
+_WORK: WorkFn | None = None  # the work function, in a pool process
 
 
 def _run_in_child(unit: Unit, temp: str) -> dict:
@@ -355,9 +357,9 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
         stop: Callable[[], bool] = lambda: False, durable_wait_s: float = 120.0,
         progress: Callable[[Unit, dict], None] | None = None) -> Outcome:
     """Do every unit not yet committed, in ``work_order``, with ``num_proc`` processes
-    (forked: ``work`` must not depend on them), committing each as it finishes; then, when
+    (``work`` must be picklable and its output must not depend on them), committing each as
+    it finishes; then, when
     the bucket holds every unit, write the manifest. See the module docstring."""
-    global _WORK
     started = time.monotonic()
     outcome = Outcome()
     by_index = {unit.index: unit for unit in units}
@@ -368,8 +370,11 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
                  output.worker.label)
     pool = None
     if num_proc > 1:
-        _WORK = work
-        pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_child_init)
+        # forkserver, not fork: this process has threads by now (the preemption-notice
+        # poller, a progress bar's monitor, rclone readers), and a child forked while one
+        # of them held a lock deadlocks on it. ``work`` is pickled once per process.
+        pool = multiprocessing.get_context("forkserver").Pool(
+            num_proc, initializer=_child_init, initargs=(work,))
     in_flight: dict[int, tuple[object, Path]] = {}  # unit -> (async result or stats, temp)
     outcome.skipped = len(output.committed())
     try:
@@ -417,7 +422,6 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
         if pool is not None:
             pool.terminate()
             pool.join()
-        _WORK = None
     outcome.preempted = stop()
     outcome.not_durable = wait_durable(output, _mine(output, outcome), durable_wait_s,
                                        lambda: False)

@@ -40,9 +40,27 @@ from preprocessing import (
 # ------------------------------------------------------------------- same bytes, any split
 
 
-def test_two_processes_give_the_reference_bytes(corpus, tmp_path):
-    run_tokenize(corpus, tmp_path / "out", "--num-proc", "2", check=True)
-    assert_same_as_reference(corpus, tmp_path / "out")
+def test_sigterm_commits_what_is_in_flight_exits_143_and_two_processes_resume(corpus,
+                                                                              tmp_path):
+    """A preemption with 2 processes: no new unit starts, the ones in flight are committed,
+    exit 143; the rerun (2 processes again) ends byte-identical to 1 process uninterrupted."""
+    out = tmp_path / "out"
+    sampler = Sampler(corpus, dir_lister(out / "data"), lambda n: (out / "data" / n).read_bytes())
+    sampler.start()
+    proc = subprocess.Popen(argv(corpus, out, "--num-proc", "2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_parts(out, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "preempted (SIGTERM)" in err, err[-2000:]
+    committed = len(list((out / "data").glob("*.parquet")))
+    assert 4 <= committed < len(corpus["files"]) - 1, committed
+    assert not (out / "manifest.json").exists()
+    run_tokenize(corpus, out, "--num-proc", "2", check=True)
+    sampler.stop()
+    assert_same_as_reference(corpus, out)
+    assert not sampler.problems, sampler.problems[:5]
 
 
 @pytest.mark.parametrize("workers", [2, 3])

@@ -106,13 +106,15 @@ def test_sky_jobs_launch_line_loads_with_skypilots_parser(command, monkeypatch):
     envs = list(params["env"])
     monkeypatch.chdir(REPO)  # the README launches from the repo root
     assert Path(recipe).is_file(), f"{command}: no recipe {recipe}"
-    declared = yaml.safe_load(Path(recipe).read_text()).get("envs") or {}
+    # A pipeline has one document per task (after a `name:` header): any may declare it.
+    declared = {k for doc in yaml.safe_load_all(Path(recipe).read_text()) if doc
+                for k in doc.get("envs") or {}}
     assert [k for k, _ in envs if k not in declared] == [], f"{recipe} declares no such env"
     # SkyPilot's loader, as `sky jobs launch` calls it: it refuses a required env left unset.
     dag = dag_utils.load_chain_dag_from_yaml(recipe, env_overrides=envs,
                                              secret_overrides=list(params["secret"]))
-    (task,) = dag.tasks
-    assert all(task.envs[k] == v for k, v in envs)
+    for task in dag.tasks:  # in a pipeline --env applies to every task
+        assert all(task.envs[k] == v for k, v in envs)
 
 
 @pytest.mark.slow
