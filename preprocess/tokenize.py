@@ -59,6 +59,7 @@ log = logging.getLogger("preprocess.tokenize")
 
 ROW_GROUP_ROWS = 1024  # sequences per Parquet row group: train/lm.py decodes one at a time
 CHECK_DOCS = 8  # documents per unit re-tokenized the slow way, to check the fast path
+LOG_EVERY_S = 30.0  # progress lines in a job's log, where there is no progress bar
 
 
 # ----------------------------------------------------------------------------- config
@@ -158,8 +159,8 @@ class Packer:
         ids = [encoding.ids for encoding in encodings]
         slow = self.tokenizer(texts[:CHECK_DOCS])["input_ids"]
         if slow != ids[:CHECK_DOCS]:
-            raise RuntimeError(f"unit {unit.name}: the fast tokenizer path gives other ids "
-                               "than tokenizer(texts) for this tokenizer")
+            raise DatasetError(f"--tokenizer: unit {unit.name}: encode_batch_fast gives other "
+                               "ids than tokenizer(texts) for this tokenizer; please report it")
         total = sum(len(doc) for doc in ids) + len(ids)  # each document + its EOS
         flat = np.fromiter(itertools.chain.from_iterable(
             itertools.chain(doc, (self.eos,)) for doc in ids), dtype=np.int32, count=total)
@@ -238,12 +239,21 @@ def preprocess(cfg: Config) -> int:
     started, tokens, done = time.monotonic(), 0, 0
     events = EventLog(None)  # a live local log only where SKYSPOT_EVENTS_FILE is set (rehearse)
 
+    logged = started
+
     def progress(unit: units.Unit, stats: dict) -> None:
-        nonlocal tokens, done
+        nonlocal tokens, done, logged
         tokens, done = tokens + stats["tokens"], done + 1
         events.emit("unit", step=done, unit=unit.index, tokens=stats["tokens"], persist=False)
+        rate = tokens / max(time.monotonic() - started, 1e-9)
         bar.update(1)
-        bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tok/s")
+        bar.set_postfix_str(f"{rate:,.0f} tok/s")
+        if bar.disable and time.monotonic() - logged >= LOG_EVERY_S:  # no TTY: a job's log
+            logged = time.monotonic()
+            left = len(plan) - bar.n
+            eta = left * (time.monotonic() - started) / done
+            log.info("%d/%d units, %.0f tokens/s, about %.0f min left at this rate (units "
+                     "others finish come off it)", bar.n, len(plan), rate, eta / 60)
 
     try:
         outcome = units.run(output, plan, Packer(cfg, tokenizer, datasets), kind="tokenize",
