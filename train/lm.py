@@ -20,6 +20,10 @@ What it guarantees:
   No checkpoint and no final model ever holds nan/inf.
 - A full disk or a read-only mount ends the run with one line naming the path; the
   committed checkpoints and a previous final model stay whole.
+- The data is never held in RAM whole. --dataset is raw text, tokenized by one process per
+  node into a memory-mapped token file in $TMPDIR (4 bytes per token), or the output dir of
+  preprocess/tokenize.py, read in place (skyspot.packed); one made with another tokenizer
+  or --seq-len, or not finished, is refused in one line before the model is built.
 
 Reads top to bottom: config -> build -> resume -> loop -> save.
 """
@@ -30,7 +34,6 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -50,7 +53,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from skyspot import PREEMPTED_EXIT_CODE, skyenv  # noqa: E402
+from skyspot import PREEMPTED_EXIT_CODE, packed, skyenv  # noqa: E402
 from skyspot.checkpoint import (  # noqa: E402
     MANIFEST,
     Checkpointer,
@@ -96,7 +99,8 @@ class Config:
     model: str = field(default="", metadata={"help": "hub id or local dir (required)"})
     from_scratch: bool = field(default=False, metadata={"help": "random init from the config"})
     dataset: str = field(
-        default="", metadata={"help": "hub id, or a local dir/file of .txt/.jsonl/.parquet"}
+        default="", metadata={"help": "hub id, a local dir/file of .txt/.jsonl/.parquet, or "
+                                      "a preprocess/tokenize.py output dir"}
     )
     text_column: str = "text"
     # optimisation; global batch = batch_size * grad_accum * world_size sequences
@@ -291,16 +295,6 @@ def apply_setting_changes(changes: list[Change], cfg: Config, scheduler,
 # ----------------------------------------------------------------------------- data
 
 
-def pack(ds, tokenizer, column: str, seq_len: int) -> torch.Tensor:
-    """Tokenize, append EOS to each document, concatenate, cut into [n, seq_len] blocks."""
-    eos = tokenizer.eos_token_id
-    ids = ds.map(lambda b: {"ids": [x + [eos] for x in tokenizer(b[column])["input_ids"]]},
-                 batched=True, remove_columns=ds.column_names, desc="tokenizing")
-    flat = list(itertools.chain.from_iterable(ids["ids"]))
-    blocks = len(flat) // seq_len
-    return torch.tensor(flat[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
-
-
 class ResumableSampler(torch.utils.data.Sampler):
     """This rank's micro-batches of one epoch, resumable at any micro-batch.
 
@@ -321,11 +315,13 @@ class ResumableSampler(torch.utils.data.Sampler):
         return self.n // (self.batch * self.world)
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A tensor, 8 B per sequence; only a micro-batch at a time becomes Python ints
+        # (~36 B each).
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-            self.seed * 100_003 + self.epoch)).tolist()
+            self.seed * 100_003 + self.epoch))
         for k in range(self.start, len(self)):
             first = (k * self.world + self.rank) * self.batch
-            yield order[first : first + self.batch]
+            yield order[first : first + self.batch].tolist()
 
 
 def micro_batches(loader, sampler: ResumableSampler, epoch: int, start: int):
@@ -479,7 +475,11 @@ def train(cfg: Config) -> int:
     def run_dir_errors():  # a write into the run dir that fails is one line (IOFailure)
         return io_errors(run_dir, f"the checkpoint dir {run_dir}")
 
-    dataset_files(cfg.dataset)  # a missing dataset is that, not a changed --dataset
+    # A preprocess/ output is checked by its manifest now (a stat of each part, no more).
+    preprocessed = (packed.open_packed(cfg.dataset, cfg.seq_len)
+                    if packed.looks_preprocessed(cfg.dataset) else None)
+    if preprocessed is None:
+        dataset_files(cfg.dataset)  # a missing dataset is that, not a changed --dataset
     check_resume_early(cfg, run_dir)  # refused now, it costs nothing and touches nothing
     preflight_checkpoint_dir(run_dir)
     # One writer per run (a second launch, a zombie from a lost node): refused here, before
@@ -488,11 +488,16 @@ def train(cfg: Config) -> int:
     if lease is not None:
         lease.acquire()
         atexit.register(lease.release)
-    dataset = load_text(cfg.dataset, cfg.text_column)
+    text = load_text(cfg.dataset, cfg.text_column) if preprocessed is None else None
 
     import transformers
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    transformers.logging.set_verbosity_error()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
+    if preprocessed is not None:  # before anything is built
+        preprocessed.check_tokenizer(tokenizer, cfg.model)
 
     # --- build ---------------------------------------------------------------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
@@ -500,7 +505,6 @@ def train(cfg: Config) -> int:
     main_process = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    transformers.logging.set_verbosity_error()
     torch.use_deterministic_algorithms(True)
     set_seed(cfg.seed)
     world = accelerator.num_processes
@@ -510,22 +514,35 @@ def train(cfg: Config) -> int:
     preemption = Preemption(env.cloud, poll_interval_s=cfg.notice_poll_seconds or 5.0,
                             poll=cfg.notice_poll_seconds > 0).install()
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
     if cfg.from_scratch:
         model_config = transformers.AutoConfig.from_pretrained(cfg.model)
         model = transformers.AutoModelForCausalLM.from_config(model_config)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model)
-    with accelerator.main_process_first():
-        blocks = pack(dataset, tokenizer, cfg.text_column, cfg.seq_len)
-    sampler = ResumableSampler(len(blocks), cfg.batch_size, accelerator.process_index, world,
+    sequences = preprocessed
+    if sequences is None:
+        # One process per node tokenizes, into a flat token file in node-local $TMPDIR
+        # (4 bytes per token); every rank of the node memory-maps it. Once all have, it is
+        # unlinked: the mappings keep it readable, and its disk space returns when the last
+        # rank exits, however it exits.
+        tokens = packed.token_file(run_dir, cfg.dataset, tokenizer, cfg.model,
+                                   cfg.text_column, cfg.seq_len)
+        with accelerator.local_main_process_first():
+            sequences = packed.TokenBlocks(
+                packed.tokenize_to_memmap(text, tokenizer, cfg.text_column, cfg.seq_len, tokens)
+                if accelerator.is_local_main_process else packed.open_tokens(tokens, cfg.seq_len))
+        accelerator.wait_for_everyone()
+        if accelerator.is_local_main_process:
+            tokens.unlink(missing_ok=True)
+    sampler = ResumableSampler(len(sequences), cfg.batch_size, accelerator.process_index, world,
                                cfg.seed)
     if len(sampler) < 1:
-        raise ConfigError(f"--dataset {cfg.dataset} gives {len(blocks)} blocks of {cfg.seq_len} "
-                          f"tokens; one micro-step needs {cfg.batch_size * world}")
+        raise ConfigError(f"--dataset {cfg.dataset} gives {len(sequences)} blocks of "
+                          f"{cfg.seq_len} tokens; one micro-step needs {cfg.batch_size * world}")
     # A generator of its own keeps the DataLoader from drawing its base seed from the
     # global RNG, which a resume restores and an uninterrupted run does not re-draw.
-    loader = torch.utils.data.DataLoader(blocks, batch_sampler=sampler,
+    loader = torch.utils.data.DataLoader(sequences, batch_sampler=sampler,
+                                         collate_fn=packed.batch_as_is,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Not passed to prepare(): Accelerate's scheduler wrapper steps once per process, which
