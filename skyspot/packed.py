@@ -44,8 +44,8 @@ log = logging.getLogger("skyspot.packed")
 
 KIND = "tokenize"  # what preprocess/tokenize.py's manifest says it holds
 COLUMN = "input_ids"  # fixed_size_list<int32>[seq_len], one row per sequence
-# Decoded row groups kept for reuse. One group is up to 1024 rows x seq_len x 4 bytes
-# (8 MiB at seq_len 2048); the newest is always kept, however large.
+# Decoded row groups kept for reuse. preprocess/tokenize.py writes ~1 MiB groups (as int64
+# tensors here, 2 MiB); the newest is always kept, however large.
 CACHE_BYTES = 64 << 20
 # Parts kept open (memory-mapped, footer parsed); closed least recently used first.
 OPEN_PARTS = 8
