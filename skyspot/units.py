@@ -358,8 +358,8 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
         progress: Callable[[Unit, dict], None] | None = None) -> Outcome:
     """Do every unit not yet committed, in ``work_order``, with ``num_proc`` processes
     (``work`` must be picklable and its output must not depend on them), committing each as
-    it finishes; then, when
-    the bucket holds every unit, write the manifest. See the module docstring."""
+    it finishes; then, when the bucket holds every unit, write the manifest. See the module
+    docstring."""
     started = time.monotonic()
     outcome = Outcome()
     by_index = {unit.index: unit for unit in units}
@@ -380,8 +380,7 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
     try:
         while not stop():
             committed, listed_at = output.committed(), time.monotonic()
-            order = [i for i in work_order(len(units), output.worker)
-                     if i not in committed and i not in outcome.done_here]
+            order = [i for i in work_order(len(units), output.worker) if i not in committed]
             for index in order:
                 if stop():
                     break
