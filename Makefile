@@ -56,7 +56,8 @@ demo: $(READY)
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass. Two workers
 # (pytest-xdist): most tests wait on processes, uploads and sleeps, so 2 cores run two at once
-# (measured: 32 min serial, ~21 min on 2 workers); TEST_WORKERS=0 runs them in one process.
+# (measured: 32 min serial, ~21 min on 2 workers before the preprocessing tests, 28 min
+# with them); TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 test: $(READY)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load tests; rc=$$?; \
