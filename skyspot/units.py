@@ -431,7 +431,11 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
             int(m[1]) for m in map(PART_NAME.match, listed) if m}
         if all(unit.index in in_bucket for unit in units):
             if read_manifest(output.root) is None:
-                output.write_manifest(units, sizes, kind, summarize)
+                try:
+                    output.write_manifest(units, sizes, kind, summarize)
+                except FileNotFoundError:  # another worker wrote it and cleared _tmp
+                    if read_manifest(output.root) is None:
+                        raise
             deadline = time.monotonic() + durable_wait_s
             while not output.file_durable(output.root / MANIFEST):
                 if time.monotonic() > deadline:
