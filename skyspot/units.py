@@ -64,7 +64,7 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from skyspot import durability
@@ -326,9 +326,6 @@ class Outcome:
     skipped: int = 0  # units found committed when this worker came to them
     not_durable: list[int] = field(default_factory=list)  # committed here, not yet in bucket
     seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 WorkFn = Callable[[Unit, Path], dict]  # writes the unit's file to the path; returns stats
