@@ -49,7 +49,10 @@ How, and why each rule exists:
   only on the parts, so two workers writing it write the same object.
 - **Preemption.** ``stop()`` is checked between units: once it is true no unit is started,
   the ones in flight finish and are committed (size units to take seconds, well inside a
-  30 s notice), and the run returns ``preempted``.
+  30 s notice), and the run returns ``preempted``. A work function that runs in this
+  process (``num_proc=1``: a model on a GPU) may check ``stop()`` itself between batches
+  and raise ``Abandoned``: that unit is not committed (its temporary file is removed) and
+  is redone later, so a long unit need not outlast the notice.
 """
 
 from __future__ import annotations
@@ -328,6 +331,11 @@ class Outcome:
     seconds: float = 0.0
 
 
+class Abandoned(Exception):
+    """Raised by an in-process work function that saw ``stop()`` mid-unit: the unit is
+    left uncommitted, its temporary file removed, and redone by a later attempt."""
+
+
 WorkFn = Callable[[Unit, Path], dict]  # writes the unit's file to the path; returns stats
 
 
@@ -392,6 +400,9 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
                 if pool is None:
                     try:
                         in_flight[index] = (work(unit, temp), temp)
+                    except Abandoned:
+                        temp.unlink(missing_ok=True)
+                        break
                     except FileNotFoundError:  # _tmp removed by the manifest's writer
                         if not (output.root / MANIFEST).exists():
                             raise
