@@ -328,6 +328,7 @@ class Outcome:
     stolen: list[int] = field(default_factory=list)  # of those, units of other shares
     skipped: int = 0  # units found committed when this worker came to them
     not_durable: list[int] = field(default_factory=list)  # committed here, not yet in bucket
+    vanished: dict[int, int] = field(default_factory=dict)  # unit -> temporary files lost
     seconds: float = 0.0
 
 
@@ -339,18 +340,29 @@ class Abandoned(Exception):
 WorkFn = Callable[[Unit, Path], dict]  # writes the unit's file to the path; returns stats
 
 
-def _child_init(work: WorkFn) -> None:
-    """Pool processes: the parent decides what a SIGTERM means (finish and commit), and a
-    parent that dies (SIGKILL, a lost VM) takes them along, instead of leaving them writing."""
-    global _WORK
-    _WORK = work
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _child_init(work: WorkFn, closing) -> None:
+    """Pool processes: the parent decides what a SIGTERM means (finish and commit), so a
+    SIGTERM sent to every process (a VM shutting down, a process-tree kill) leaves them
+    working; one from the parent's ``Pool.terminate()`` (``closing`` set) ends them. A
+    parent that dies (SIGKILL, a lost VM) takes them along instead of leaving them writing."""
+    global _WORK, _CLOSING
+    _WORK, _CLOSING = work, closing
+    signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _on_sigterm(signum, frame) -> None:
+    # A lock-free shared byte: a signal handler must not take a lock the interrupted code
+    # may hold. Ignoring every SIGTERM made Pool.terminate() wait forever on an idle child
+    # (seen in CI: a rerun that hung after its last unit).
+    if _CLOSING is not None and _CLOSING.value:
+        os._exit(128 + signal.SIGTERM)
+
+
 _WORK: WorkFn | None = None  # the work function, in a pool process
+_CLOSING = None  # multiprocessing.RawValue("b"): 1 once the parent shuts the pool down
 
 
 def _run_in_child(unit: Unit, temp: str) -> dict:
@@ -373,13 +385,14 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
     if left:
         log.info("removed %d temporary file(s) of an earlier attempt of %s", left,
                  output.worker.label)
-    pool = None
+    pool = closing = None
     if num_proc > 1:
         # forkserver, not fork: this process has threads by now (the preemption-notice
         # poller, a progress bar's monitor, rclone readers), and a child forked while one
         # of them held a lock deadlocks on it. ``work`` is pickled once per process.
-        pool = multiprocessing.get_context("forkserver").Pool(
-            num_proc, initializer=_child_init, initargs=(work,))
+        context = multiprocessing.get_context("forkserver")
+        closing = context.RawValue("b", 0)
+        pool = context.Pool(num_proc, initializer=_child_init, initargs=(work, closing))
     in_flight: dict[int, tuple[object, Path]] = {}  # unit -> (async result or stats, temp)
     outcome.skipped = len(output.committed())
     try:
@@ -403,10 +416,11 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
                     except Abandoned:
                         temp.unlink(missing_ok=True)
                         break
-                    except FileNotFoundError:  # _tmp removed by the manifest's writer
-                        if not (output.root / MANIFEST).exists():
-                            raise
-                        break
+                    except FileNotFoundError as err:
+                        _temp_vanished(output, index, outcome, err)
+                        if (output.root / MANIFEST).exists():
+                            break
+                        continue
                 else:
                     in_flight[index] = (pool.apply_async(_run_in_child, (unit, str(temp))), temp)
                 _collect(output, by_index, in_flight, outcome, own, progress,
@@ -427,7 +441,16 @@ def run(output: Output, units: list[Unit], work: WorkFn, *, kind: str,
                      "redoing them", len(unseen))
     finally:
         if pool is not None:
-            pool.terminate()
+            # Nothing in flight (the end, or a preemption once the units in flight are
+            # committed): close() lets the idle processes take their end-of-work marker and
+            # exit. Pool.terminate() there hung now and then on an idle process, waiting on
+            # the task queue's lock that terminate() itself holds. After an error, what
+            # still runs is abandoned: terminate(), whose SIGTERM ``closing`` makes count.
+            closing.value = 1
+            if in_flight:
+                pool.terminate()
+            else:
+                pool.close()
             pool.join()
     outcome.preempted = stop()
     outcome.not_durable = wait_durable(output, _mine(output, outcome), durable_wait_s,
@@ -476,11 +499,8 @@ def _collect(output: Output, by_index: dict[int, Unit], in_flight: dict, outcome
             try:
                 stats = result if isinstance(result, dict) else result.get()
                 output.commit(by_index[index], temp)
-            except FileNotFoundError:
-                # Its temporary file (or _tmp itself) was removed by the worker that wrote
-                # the manifest: the unit is committed, by another worker.
-                if not (output.root / MANIFEST).exists():
-                    raise
+            except FileNotFoundError as err:
+                _temp_vanished(output, index, outcome, err)
                 continue
             outcome.done_here.append(index)
             if index not in own:
@@ -488,6 +508,25 @@ def _collect(output: Output, by_index: dict[int, Unit], in_flight: dict, outcome
             if progress is not None:
                 progress(by_index[index], stats)
         return
+
+
+_VANISHED_TRIES = 3  # times one unit's temporary file may vanish before that is an error
+
+
+def _temp_vanished(output: Output, index: int, outcome: Outcome,
+                   err: FileNotFoundError) -> None:
+    """A unit's temporary file (or ``_tmp``) was gone before its commit. Once the manifest
+    exists that is its writer's cleanup: the unit is committed, by another worker.
+    Otherwise the mount lost it (seen on an rclone mount without a cache, under load, just
+    after a rerun removed a killed writer's files): the unit is not committed, so it is
+    redone; a unit whose file vanishes again and again raises ``err``."""
+    if (output.root / MANIFEST).exists():
+        return
+    outcome.vanished[index] = outcome.vanished.get(index, 0) + 1
+    if outcome.vanished[index] >= _VANISHED_TRIES:
+        raise err
+    log.warning("unit %d: its temporary file vanished before the commit (%s); redoing it",
+                index, err)
 
 
 def wait_durable(output: Output, parts: dict[int, int], timeout_s: float,
