@@ -79,18 +79,27 @@ def load_records(dataset: str, id_column: str, text_column: str) -> Records:
 
 
 def _load_one(name: str, id_column: str, text_column: str):
+    if name.endswith(".parquet"):  # datasets cannot load a Parquet file of no rows
+        import pyarrow.parquet as pq
+
+        if pq.read_metadata(name).num_rows == 0:
+            return _empty(id_column, text_column)
     try:
         ds = load_text(name, text_column)
     except DatasetError as err:
         if "no rows" in str(err):  # one empty file among others is fine; all empty is not
-            import datasets
-
-            return datasets.Dataset.from_dict({id_column: [], text_column: []})
+            return _empty(id_column, text_column)
         raise
     if id_column not in ds.column_names:
         raise DatasetError(f"{name}: no id column {id_column!r} (columns: "
                            f"{', '.join(ds.column_names)}); pass --id-column")
     return ds.select_columns([id_column, text_column])
+
+
+def _empty(id_column: str, text_column: str):
+    import datasets
+
+    return datasets.Dataset.from_dict({id_column: [], text_column: []})
 
 
 def _check_ids(loaded: list, where: list[str], column: str) -> None:
