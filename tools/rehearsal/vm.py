@@ -82,7 +82,13 @@ class Network:
             if any(net.overlaps(used) for _, used in _subnets()):
                 continue
             self.subnet = net
-            _ip("link", "add", self.bridge, "type", "bridge", "forward_delay", "0")
+            # A fixed (locally administered) MAC: a bridge without one takes the lowest MAC
+            # of its ports, so a VM that joins with a lower one changed the gateway's MAC
+            # under the running VMs, whose connections to the bucket and the metadata
+            # endpoint then hung until their ARP entries expired (~60 s, seen in pools).
+            mac = "02:73:6b:" + ":".join(f"{b:02x}" for b in os.getpid().to_bytes(4, "big")[1:])
+            _ip("link", "add", self.bridge, "address", mac, "type", "bridge",
+                "forward_delay", "0")
             try:
                 _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
                 # Another rehearsal may have taken the same /24 meanwhile: two bridges with
