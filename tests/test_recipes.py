@@ -212,6 +212,20 @@ def is_preprocess(case: Case) -> bool:
     return "preprocess/tokenize.py" in (case.doc.get("run") or "")
 
 
+def is_infer(case: Case) -> bool:
+    """Batch inference on a GPU (infer/generate.py, infer/embed.py); test_infer_rehearsed.py
+    parses its run: with the scripts' own parsers."""
+    return bool(re.search(r"\binfer/(generate|embed)\.py\b", case.doc.get("run") or ""))
+
+
+def uses_gpus(case: Case) -> bool:
+    """A trainer or an inference job, or a pool whose header launches one on its workers."""
+    if is_pool(case):
+        return any(uses_gpus(Case(c.recipe)) for c in header_commands(case.path)
+                   if c.verb == "launch" and c.recipe != case.path)
+    return is_trainer(case) or is_infer(case)
+
+
 def header_of(path: Path) -> str:
     lines = []
     for line in raw_text(path).splitlines():
@@ -470,7 +484,7 @@ job_params = _params(JOBS)
 trainer_params = _params(TRAINERS)
 preprocess_params = _params(PREPROCESSORS)
 pool_params = _params(POOLS)
-cpu_params = _params([c for c in CASES if not is_trainer(c)])
+cpu_params = _params([c for c in CASES if not uses_gpus(c)])
 
 
 # ------------------------------------------------------------------------- every recipe
@@ -489,7 +503,9 @@ def test_the_recipes_exist():
         assert name in names
     # Every task is something this file checks the run: of (or a pool, which has none).
     for case in CASES:
-        assert is_trainer(case) or is_preprocess(case) or is_pool(case), case.id
+        assert is_trainer(case) or is_preprocess(case) or is_infer(case) or is_pool(case), (
+            case.id
+        )
 
 
 @recipe_params
@@ -628,6 +644,8 @@ def test_all_candidates_have_the_same_gpu_count(case):
     count = gpus_per_node(task)
     if is_trainer(case):
         assert count >= 1
+    elif uses_gpus(case):  # batch inference (or its pool): one GPU per job, one engine
+        assert count == 1
     else:  # tokenizing is CPU work: a GPU there would be paid for and idle
         assert count == 0
 
