@@ -239,7 +239,7 @@ def test_s3_output_is_read_through_the_s3_api(tokenized, partial, tmp_path):
 @pytest.mark.parametrize("case, fragment", [
     ("missing", "no such directory"),
     ("file", "not a directory"),
-    ("empty", "not a skyspot unit output (no plan.json); is preprocessing started?"),
+    ("empty", "not a skyspot unit output (no plan.json); has a worker started"),
     ("not json", "plan.json: malformed"),
     ("other format", "plan.json: malformed (format 'something/2'"),
     ("no unit count", "plan.json: malformed (units: 'ten'"),

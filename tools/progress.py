@@ -169,8 +169,8 @@ def rclone_error(result: subprocess.CompletedProcess) -> str:
 def read_plan(source) -> dict:
     text = source.read(units.PLAN)
     if text is None:
-        raise ProgressError(f"{source.label}: not a skyspot unit output (no plan.json); is "
-                            "preprocessing started?")
+        raise ProgressError(f"{source.label}: not a skyspot unit output (no plan.json); has "
+                            "a worker started (preprocess/tokenize.py, infer/*.py)?")
     try:
         plan = json.loads(text)
     except ValueError as err:
