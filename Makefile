@@ -14,7 +14,7 @@ DEMO_DIR    ?= runs/demo
 # FUSE=no skips the install, e.g. `make setup FUSE=no`.
 FUSE        ?= yes
 
-.PHONY: setup demo demo-embed test lint bench-lag bench-data clean
+.PHONY: setup demo demo-embed test lint bench-lag bench-data bench-infer clean
 
 # What every target needs. $(VENV)/.fuse marks that the fuse3 step ran for this .venv, so
 # `make test` and `make demo` change system packages at most once, on first use; an explicit
@@ -81,6 +81,11 @@ bench-lag: $(READY)
 # (raw vs preprocessed), time to the first step (~10 min on 2 cores).
 bench-data: $(READY)
 	$(BIN)/python tools/bench_data.py --workdir runs/bench-data
+
+# Batch inference: generate.py vs a per-record pipeline loop, embed.py vs sentence-transformers'
+# encode, exactly-once commits to a MOUNT_CACHED bucket vs one file at the end (~11 min, 2 cores).
+bench-infer: $(READY)
+	$(BIN)/python tools/bench_infer.py --workdir runs/bench-infer
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
