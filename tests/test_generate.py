@@ -27,9 +27,13 @@ import pyarrow.parquet as pq
 import pytest
 from preprocessing import wait_for_parts
 
+from skyspot import units as skyspot_units
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "infer" / "generate.py"
-NEW_TOKENS, UNIT_ROWS, BATCH = 8, 10, 4
+# 16 units: enough that two workers are still busy when they are killed, on loaded CI cores
+# too (with 9, both once finished every unit before the signals landed).
+NEW_TOKENS, UNIT_ROWS, BATCH = 8, 5, 4
 RECORDS, OVERLONG = 80, (5, 61)  # record indices whose prompts exceed the 1,024-token context
 # One thread per process: a tiny model gains nothing from two, and on shared cores torch's
 # spinning threads cost ~2.5x the CPU time.
@@ -200,9 +204,11 @@ def test_two_workers_killed_then_rerun_or_one_lost_for_good_give_the_reference_b
     out = tmp_path / "out"
     workers = [start(data, out, "--shard-index", str(rank), "--num-shards", "2")
                for rank in (0, 1)]
-    # Worker 0 owns units 0-3, worker 1 units 4-8: once each has committed its first, both
-    # are past their start (a SIGTERM before the handler is installed just kills).
-    wait_for_units(out, (0, 4), workers)
+    # Once each worker has committed the first unit of its share, both are past their start
+    # (a SIGTERM before the handler is installed just kills).
+    units = json.loads(data["files"]["manifest.json"])["units"]
+    firsts = [skyspot_units.share(units, skyspot_units.Worker(rank, 2))[0] for rank in (0, 1)]
+    wait_for_units(out, firsts, workers)
     workers[1].kill()  # SIGKILL: no commit, perhaps a temporary file left behind
     workers[0].send_signal(signal.SIGTERM)
     _, err = workers[0].communicate(timeout=300)
@@ -210,7 +216,6 @@ def test_two_workers_killed_then_rerun_or_one_lost_for_good_give_the_reference_b
     assert workers[0].returncode == 143, err[-2000:]
     assert "preempted (SIGTERM)" in err
     committed = len(list((out / "data").glob("*.parquet")))
-    units = json.loads(data["files"]["manifest.json"])["units"]
     assert 1 <= committed < units and not (out / "manifest.json").exists()
     lost = tmp_path / "lost"
     shutil.copytree(out, lost)
