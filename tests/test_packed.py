@@ -366,7 +366,7 @@ def test_resume_on_a_preprocessed_dir_is_bit_exact_and_equals_the_raw_path(
     tokenized_by = tmp_path / "tokenized_by"
     proc = start(raw_cmd, env_for(tmp_path / "events-raw.jsonl",
                                   TOKENIZED_BY=str(tokenized_by)), tmp_path / "log.txt")
-    assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     assert tokenized_by.read_text().split() == ["0"]  # one process per node
     tokens = packed.token_file(tmp_path / "raw" / "t", str(tiny_assets / "data"), tokenizer,
                                str(tiny_assets / "model"), "text", SEQ_LEN)
@@ -381,7 +381,7 @@ def test_resume_on_a_preprocessed_dir_is_bit_exact_and_equals_the_raw_path(
     proc.wait()
     events = tmp_path / "events-1.jsonl"
     proc = start(command(args, ranks=2), env_for(events), tmp_path / "log.txt")
-    assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     resumed = [e["step"] for e in read_events(events) if e["event"] == "resumed"]
     assert resumed and resumed[0] >= 8, "the second attempt did not resume"
     assert_bit_identical(weights(tmp_path / "ckpt" / "t" / "final"), baseline)
