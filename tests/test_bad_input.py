@@ -65,14 +65,14 @@ def test_unwritable_checkpoint_dir(tiny_assets, tmp_path):
 def test_resume_from_a_corrupt_checkpoint_is_refused_and_kept(tiny_assets, tmp_path,
                                                               existing_run):
     newest = sorted((existing_run / "t").glob("step-*"))[-1]
-    (newest / "optimizer.pt").write_bytes(b"garbage")
+    (newest / "optimizer.safetensors").write_bytes(b"garbage")
     before = _tree_digest(existing_run)
     # A new run seeded from it: it has no checkpoint of its own, so the seed must be used.
     result = _lm(lm_args(tiny_assets, existing_run, run_name="seeded", resume_from=newest,
                          max_steps=8), tmp_path)
     assert result.returncode == 2
     line = _one_error_line(result)
-    assert str(newest) in line and "optimizer.pt has 7 bytes" in line
+    assert str(newest) in line and "optimizer.safetensors has 7 bytes" in line
     assert _tree_digest(existing_run) == before
 
 
@@ -88,7 +88,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tiny_assets, tmp_pa
     assert resumed[-1] < int(newest.name.split("-")[1])
 
 
-@pytest.mark.parametrize("dropped", ["model.pt", "rng-rank0.pt"])
+@pytest.mark.parametrize("dropped", ["model.safetensors", "rng-rank0.safetensors"])
 def test_a_manifest_that_omits_a_file_the_trainer_needs_is_not_resumed_from(
         tiny_assets, tmp_path, existing_run, dropped):
     """The newest manifest no longer lists the weights (or this rank's RNG state), but the

@@ -30,6 +30,7 @@ from trainer import REPO, command, env_for, kill_tree, lm_args, read_events, wai
 
 from skyspot import PREEMPTED_EXIT_CODE
 from skyspot.checkpoint import MANIFEST, WRITE_DELAY_ENV, step_dirs, verify
+from skyspot.statefile import read_state
 
 pytestmark = pytest.mark.slow
 
@@ -114,8 +115,8 @@ def _committed(run_dir: Path) -> list[Path]:
     """Every checkpoint that verifies, newest first, each checked free of nan/inf."""
     good = [path for _, _, path in step_dirs(run_dir) if verify(path)[0] is not None]
     for path in good:
-        for name in ("model.pt", "optimizer.pt"):
-            state = torch.load(path / name, map_location="cpu", weights_only=False)
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            state = read_state(bytearray((path / name).read_bytes()))
             bad = [t for t in _tensors(state) if t.is_floating_point() and not t.isfinite().all()]
             assert not bad, f"{path / name} holds nan/inf"
     return good
@@ -249,7 +250,8 @@ def test_nan_on_one_rank_is_skipped_then_stops_on_both_ranks(tiny_assets, tmp_pa
     assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, 9))
     committed = _committed(ckpt / "t")
     assert committed and committed[0].name == "step-00000008"
-    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in committed[0].iterdir()}
+    assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= {
+        p.name for p in committed[0].iterdir()}
     assert f"Newest committed checkpoint: {committed[0]}." in line
     assert not (ckpt / "t" / "final").exists()
 
@@ -261,7 +263,7 @@ def test_full_disk_while_writing_checkpoint_files(tiny_assets, tmp_path, tmpfs, 
     disk = tmpfs("ckpt")
     run_dir, target = disk / "t", disk / "t" / "step-00000008"
     run = started(lm_args(tiny_assets, disk, max_steps=12), tmp_path, **{WRITE_DELAY_ENV: "0.3"})
-    run.wait_for(lambda: (target / "rng-rank0.pt").exists(), "the step-8 save")
+    run.wait_for(lambda: (target / "rng-rank0.safetensors").exists(), "the step-8 save")
     _fill(disk)  # during the step-8 save: its next file does not fit
     code, stderr = run.finish()
     assert code == IO_ERROR, stderr[-3000:]  # not 143, not bad input (2)
@@ -276,8 +278,9 @@ def test_full_disk_at_the_manifest(tiny_assets, tmp_path, tmpfs, started):
     disk = tmpfs("ckpt")
     run_dir, target = disk / "t", disk / "t" / "step-00000008"
     run = started(lm_args(tiny_assets, disk, max_steps=12), tmp_path, **{WRITE_DELAY_ENV: "0.3"})
-    # scheduler.pt is the last file before the manifest: its data still fits, no new file does.
-    run.wait_for(lambda: (target / "scheduler.pt").exists(), "the step-8 save's last file")
+    # scheduler.safetensors is the last file before the manifest: its data still fits, no
+    # new file does.
+    run.wait_for(lambda: (target / "scheduler.safetensors").exists(), "the step-8 save's last file")
     _no_inodes(disk)
     code, stderr = run.finish()
     assert code == IO_ERROR, stderr[-3000:]  # not 143, not bad input (2)
@@ -285,7 +288,8 @@ def test_full_disk_at_the_manifest(tiny_assets, tmp_path, tmpfs, started):
     assert "no space left on device" in line and str(target / MANIFEST) in line, line
     # It failed at the manifest: every data file is there, whole, and nothing else.
     assert {p.name for p in target.iterdir()} == {
-        "rng-rank0.pt", "model.pt", "optimizer.pt", "scheduler.pt"}
+        "rng-rank0.safetensors", "model.safetensors", "optimizer.safetensors",
+        "scheduler.safetensors"}
     assert verify(target)[0] is None
     assert [p.name for p in _committed(run_dir)] == ["step-00000004"]
 

@@ -22,6 +22,7 @@ from trainer import (
 )
 
 from skyspot import PREEMPTED_EXIT_CODE
+from skyspot.checkpoint import ASYNC_WRITE_DELAY_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +123,35 @@ def test_sigterm_exits_143_through_the_wrapper_and_loses_no_steps(
     after = _finish(tiny_assets, tmp_path, ranks, 1)
     assert [e["step"] for e in after if e["event"] == "resumed"] == [saved]  # zero steps lost
     assert_bit_identical(weights(tmp_path / "ckpt" / "t" / "final"), baselines(ranks))
+
+
+def test_a_preemption_during_a_slow_periodic_save_abandons_it_within_a_30s_grace(
+    tiny_assets, tmp_path, baselines
+):
+    """2 ranks, async saves to a slow bucket: every file of a periodic save takes 15 s more,
+    so that save alone needs over a minute. A SIGTERM while it is being written must not
+    wait for it: the preemption save abandons it (its files deleted, no manifest), writes
+    the current state and exits 143 inside a 30 s grace; the resume from it is bit-exact."""
+    events = tmp_path / "events-0.jsonl"
+    run_dir = tmp_path / "ckpt" / "t"
+    cmd = command(lm_args(tiny_assets, tmp_path / "ckpt", async_checkpoint=True), 2,
+                  wrapper=True)
+    proc = start(cmd, env_for(events, **{ASYNC_WRITE_DELAY_ENV: "15"}), tmp_path / "log.txt")
+    assert wait_until(lambda: _torn_checkpoint(run_dir) is not None, proc)
+    slow = _torn_checkpoint(run_dir)
+    kill_tree(proc, signal.SIGTERM)
+    grace_s = 30
+    assert proc.wait(timeout=grace_s) == PREEMPTED_EXIT_CODE, (tmp_path / "log.txt").read_text()
+    before = read_events(events)
+    (abandoned,) = [e for e in before if e["event"] == "checkpoint_abandoned"]
+    assert f"step-{abandoned['step']:08d}" == slow.name
+    saved = [e for e in before if e["event"] == "checkpoint"][-1]
+    assert saved["step"] == abandoned["for_step"] == last_step(before) > abandoned["step"]
+    assert not list(slow.iterdir()), "the abandoned save's files were left to upload"
+
+    after = _finish(tiny_assets, tmp_path, 2, 1, async_checkpoint=True)
+    assert [e["step"] for e in after if e["event"] == "resumed"] == [saved["step"]]
+    assert_bit_identical(weights(run_dir / "final"), baselines(2))
 
 
 def test_a_real_failure_is_not_reported_as_a_preemption(tiny_assets, tmp_path):

@@ -361,8 +361,18 @@ def resume_needs(manifest: dict) -> list[str]:
               if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool)]
     if absent:
         raise ValueError(f"meta has no integer {', '.join(absent)}")
-    ranks = [f"rng-rank{rank}.pt" for rank in range(manifest["world_size"])]
-    return ["model.pt", "optimizer.pt", "scheduler.pt", *ranks]
+    ext = state_file_ext(manifest)
+    ranks = [f"rng-rank{rank}{ext}" for rank in range(manifest["world_size"])]
+    return [f"model{ext}", f"optimizer{ext}", f"scheduler{ext}", *ranks]
+
+
+def state_file_ext(manifest: dict) -> str:
+    """".safetensors", or ".pt" for a checkpoint written before skyspot 0.x moved to
+    safetensors (torch.save files): both are read."""
+    listed = {entry.get("path") for entry in manifest.get("files", [])
+              if isinstance(entry, dict)}
+    return ".pt" if "model.pt" in listed and "model.safetensors" not in listed else (
+        ".safetensors")
 
 
 def preflight_checkpoint_dir(run_dir: Path) -> None:
@@ -554,12 +564,16 @@ def train(cfg: Config) -> int:
     def on_commit(saved: Committed) -> None:
         # How far the bucket lags what this node wrote (MOUNT_CACHED uploads after close).
         lag = saved.step - saved.durable_step if saved.durable_step is not None else None
-        log.info("checkpoint step %d: %.1f MB in %.2fs%s -> %s; in the bucket (%s): %s",
-                 saved.step, saved.bytes / 1e6, saved.seconds,
-                 " (async)" if saved.async_save else "", saved.path, saved.durability,
+        log.info("checkpoint step %d: %.1f MB in %.2fs%s, the loop waited %.3fs%s -> %s; in "
+                 "the bucket (%s): %s", saved.step, saved.bytes / 1e6, saved.seconds,
+                 " (async)" if saved.async_save else "", saved.stall_seconds,
+                 f" ({saved.snapshot_wait_seconds:.3f}s of it for the snapshot)"
+                 if saved.snapshot_wait_seconds else "", saved.path, saved.durability,
                  f"step {saved.durable_step} ({lag} steps behind)" if lag is not None else "none")
         events.emit("checkpoint", step=saved.step, path=str(saved.path), seconds=saved.seconds,
                     bytes=saved.bytes, durable_step=saved.durable_step, lag_steps=lag,
+                    stall_seconds=round(saved.stall_seconds, 4),
+                    snapshot_wait_seconds=round(saved.snapshot_wait_seconds, 4),
                     **{"async": saved.async_save})
 
     checkpointer = Checkpointer(run_dir, keep_last=cfg.keep_last,
@@ -576,14 +590,15 @@ def train(cfg: Config) -> int:
         if changes is None:
             log.warning("checkpoint %s records no settings (written before they were): --lr, "
                         "--seq-len and the rest could not be checked against it", resume.path)
+        ext = state_file_ext(resume.manifest)
         try:
-            accelerator.unwrap_model(model).load_state_dict(resume.load("model.pt"))
+            accelerator.unwrap_model(model).load_state_dict(resume.load(f"model{ext}"))
         except RuntimeError as err:  # another architecture (an allowed --model change)
             details = " ".join(str(err).split())[:300]
             raise CheckpointError(f"checkpoint {resume.path}: its weights do not fit --model "
                                   f"{cfg.model}: {details}") from err
-        optimizer.load_state_dict(resume.load("optimizer.pt"))
-        scheduler.load_state_dict(resume.load("scheduler.pt"))
+        optimizer.load_state_dict(resume.load(f"optimizer{ext}"))
+        scheduler.load_state_dict(resume.load(f"scheduler{ext}"))
         step, epoch, consumed, tokens = (meta[k] for k in ("step", "epoch", "consumed", "tokens"))
         if changes:
             consumed = apply_setting_changes(changes, cfg, scheduler, meta["config"], consumed)
@@ -595,24 +610,39 @@ def train(cfg: Config) -> int:
     if resume is not None:
         # After building the stream: nothing between here and the first batch may draw
         # from the global RNG that an uninterrupted run would not draw from.
-        set_rng_state(resume.load(f"rng-rank{accelerator.process_index}.pt"))
+        set_rng_state(resume.load(f"rng-rank{accelerator.process_index}{ext}"))
         events.emit("resumed", step=step, path=str(resume.path),
                     lr=optimizer.param_groups[0]["lr"])  # the lr of the next step
         log.info("resumed from %s (step %d)", resume.path, step)
     events.emit("start", run_name=run_name, world_size=world, step=step,
                 global_batch=global_batch, pid=os.getpid())
 
-    def save(at_step: int) -> None:
-        files = {f"rng-rank{accelerator.process_index}.pt": rng_state()}
+    def save(at_step: int, final: bool) -> None:
+        files = {f"rng-rank{accelerator.process_index}.safetensors": rng_state()}
         if main_process:
-            files["model.pt"] = accelerator.get_state_dict(model)
-            files["optimizer.pt"] = optimizer.state_dict()
-            files["scheduler.pt"] = scheduler.state_dict()
+            files["model.safetensors"] = model_state()
+            files["optimizer.safetensors"] = optimizer.state_dict()
+            files["scheduler.safetensors"] = scheduler.state_dict()
         events.flush()  # everything up to this save reaches the bucket before its manifest
-        checkpointer.save(at_step, files, meta={
+        # An async save copies the weights and the optimizer's moments on its thread while
+        # the next step's forward and backward run: they change only in optimizer.step(),
+        # which waits for that copy (checkpointer.before_update). The scheduler's and the
+        # RNG's state are small and are taken here, now.
+        abandoned = checkpointer.save(at_step, files, final=final, meta={
             "step": at_step, "epoch": epoch, "consumed": consumed, "tokens": tokens,
             "global_batch": global_batch, "seed": cfg.seed, "run_name": run_name,
             "config": record_settings(cfg, SETTINGS)})
+        if abandoned is not None:
+            events.emit("checkpoint_abandoned", step=abandoned, for_step=at_step)
+
+    params = {param.data_ptr() for param in accelerator.unwrap_model(model).parameters()}
+
+    def model_state() -> dict:
+        """The model's state dict; buffers (which a forward may update in place, such as
+        batch-norm statistics) are cloned now, parameters are handed over as they are."""
+        state = accelerator.get_state_dict(model)
+        return {name: tensor if tensor.data_ptr() in params else tensor.clone()
+                for name, tensor in state.items()}
 
     # --- loop ----------------------------------------------------------------------
     tokens_per_step = global_batch * cfg.seq_len
@@ -629,13 +659,13 @@ def train(cfg: Config) -> int:
         from tqdm import tqdm
         progress = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True)
 
-    def save_finite(at_step: int) -> None:
+    def save_finite(at_step: int, final: bool = False) -> None:
         """save(), never of nan/inf state; a failed write (events, files) is one line."""
         if not state_is_finite(accelerator, model, optimizer):
             stop_diverged(at_step, "the weights or the optimizer state are nan/inf after the "
                                    "optimizer step")
         with run_dir_errors():
-            save(at_step)
+            save(at_step, final)
 
     def stop_diverged(at_step: int, what: str) -> None:
         """Raise Diverged on every rank together, having committed the save in flight (an
@@ -681,6 +711,7 @@ def train(cfg: Config) -> int:
         nonfinite = nonfinite_at_step(accelerator, step_loss, grad_norm, check_grad)
         advanced = nonfinite is None
         if advanced:
+            checkpointer.before_update()  # an async save's snapshot must be taken first
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -734,7 +765,10 @@ def train(cfg: Config) -> int:
                        time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
         preempted, minutes_due = checkpointer.at_step_boundary(preemption.requested, minutes_due)
         if preempted or step == cfg.max_steps:
-            save_finite(step)  # after a skipped step too: its micro-batches are consumed
+            # After a skipped step too: its micro-batches are consumed. final: a periodic
+            # save still being written is abandoned for this newer one, which is written
+            # now, so a preemption never waits on an older save's upload.
+            save_finite(step, final=True)
         elif advanced and (minutes_due or step % cfg.checkpoint_every_steps == 0):
             # A periodic save while the previous one is still uploading would queue behind
             # it and share its bandwidth: the bucket would fall further behind, not catch up.
@@ -800,6 +834,11 @@ def train(cfg: Config) -> int:
         events.close()
     preemption.close()
     accelerator.end_training()
+    if world > 1:
+        # A gloo worker thread may still hold the last collective's tensors and need the GIL
+        # to free them; freeing the DDP model next joins that thread with the GIL held
+        # (pytorch#56297): seen here once as a hang at exit under load. Let it finish first.
+        time.sleep(0.5)
     return 0
 
 
