@@ -96,6 +96,7 @@ import torch.utils.serialization
 import xxhash
 
 import skyspot
+from skyspot.divergence import first_nonfinite
 from skyspot.durability import mount_of, view_for
 from skyspot.statefile import Layout, StateFileError, read_state
 
@@ -126,6 +127,14 @@ _NOTHING_LOST = "; this checkpoint was not committed, the previous ones are inta
 
 class CheckpointError(RuntimeError):
     """A checkpoint can't be used or written; the message says which and why."""
+
+
+class NonFiniteState(CheckpointError):
+    """A save's state holds nan/inf (``finite=True``): it was not committed, on any rank."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 class CheckpointWriteError(CheckpointError):
@@ -812,9 +821,13 @@ class Checkpointer:
         on_commit: Callable[[Committed], None] | None = None,
         required: Callable[[dict], list[str]] | None = None,
         owner: Any = None,
+        finite: bool = False,
     ):
         """``required(manifest)`` names the files a resume needs (checked by ``verify``);
-        ``owner`` has ``check()``, which raises once another writer owns the run."""
+        ``owner`` has ``check()``, which raises once another writer owns the run.
+        ``finite``: a save whose floating-point tensors hold a nan or an inf is not
+        committed and raises NonFiniteState on every rank; what is checked is what is
+        written (an async save's snapshot, on the writer thread, off the loop)."""
         if keep_last < 2:
             # The newest checkpoint may still be uploading or be torn by a kill; the one
             # before it is what a resume falls back to.
@@ -825,6 +838,7 @@ class Checkpointer:
         self.on_commit = on_commit
         self.required = required
         self.owner = owner
+        self.finite = finite
         self._where = f"the checkpoint dir {root}"  # for one-line I/O errors
         self.rank = dist.get_rank() if _dist_on() else 0
         self.world_size = dist.get_world_size() if _dist_on() else 1
@@ -1102,6 +1116,13 @@ class Checkpointer:
                staged: dict[str, list[torch.Tensor]]) -> None:
         delay = float(os.environ.get(ASYNC_WRITE_DELAY_ENV) or 0) if pending.background else 0
         try:
+            if self.finite:  # before the first file: a doomed save writes nothing
+                for name, layout in files.items():
+                    if isinstance(layout, Layout):
+                        bad = first_nonfinite(zip(layout.names, staged.get(name, layout.tensors),
+                                                  strict=True))
+                        if bad is not None:
+                            raise NonFiniteState(f"{name}: {bad} is nan/inf", pending.step)
             pending.path.mkdir(parents=True, exist_ok=True)
             for name, payload in files.items():
                 pending.opened.append(name)
@@ -1118,18 +1139,22 @@ class Checkpointer:
         manifest and applies retention, on a thread of its own unless ``inline``."""
         if pending.thread is not None:
             pending.thread.join()  # already finished on this rank; join publishes its results
-        failed = [pending.error is not None]
+        error = pending.error
+        nonfinite = [str(error)] if isinstance(error, NonFiniteState) else []
+        failed = [error is not None]
         if _dist_on():
             everyone: list[Any] = [None] * self.world_size
-            dist.all_gather_object(everyone, (pending.entries, repr(pending.error)))
-            failed = [err != "None" for _, err in everyone]
-            entries = [entry for rank_entries, _ in everyone for entry in rank_entries]
+            dist.all_gather_object(everyone, (pending.entries, repr(error), nonfinite))
+            failed = [err != "None" for _, err, _ in everyone]
+            entries = [entry for rank_entries, _, _ in everyone for entry in rank_entries]
+            nonfinite = [what for _, _, found in everyone for what in found]
         else:
             entries = pending.entries
         if any(failed):
             # Nothing is committed: the directory has no manifest and will never verify.
             self._pending = None
-            error = pending.error
+            if nonfinite:  # on every rank alike, whichever rank found it
+                raise NonFiniteState(nonfinite[0], pending.step)
             if isinstance(error, OSError):
                 raise CheckpointWriteError(describe_os_error(error, where=self._where)
                                            + _NOTHING_LOST)

@@ -23,6 +23,7 @@ from skyspot.checkpoint import (
     MANIFEST,
     Checkpointer,
     CheckpointError,
+    NonFiniteState,
     latest_valid,
     verify,
 )
@@ -301,3 +302,24 @@ def test_a_corrupt_file_found_while_reading_falls_back_to_the_previous_checkpoin
     target.write_bytes(bytes(data))
     assert verify(tmp_path / "step-00000002")[1] == "optimizer.safetensors checksum mismatch"
     assert Checkpointer(tmp_path, keep_last=3).resume_point().step == 1
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_state_with_nan_is_never_committed_and_says_which_tensor(tmp_path, async_save):
+    model, optimizer = _model_and_optimizer()
+    checkpointer = Checkpointer(tmp_path, keep_last=2, async_save=async_save, finite=True)
+    _step(model, optimizer, checkpointer)
+    checkpointer.save(1, _files(model, optimizer), meta={"step": 1})
+    checkpointer.wait()
+    _step(model, optimizer, checkpointer)
+    with torch.no_grad():
+        model[3].bias[5] = float("inf")
+    with pytest.raises(NonFiniteState, match=r"model.safetensors: 3.bias is nan/inf") as err:
+        checkpointer.save(2, _files(model, optimizer), meta={"step": 2})
+        checkpointer.wait()
+    assert err.value.step == 2
+    assert not list((tmp_path / "step-00000002").iterdir())  # not one file written
+    assert latest_valid(tmp_path).step == 1
+    checkpointer.save(3, {"model.safetensors": {"w": torch.zeros(3)}}, meta={"step": 3})
+    checkpointer.wait()  # the checkpointer goes on working after a refused save
+    assert latest_valid(tmp_path).step == 3

@@ -35,6 +35,7 @@ from skyspot.statefile import read_state
 pytestmark = pytest.mark.slow
 
 NAN_AT_STEP = "SKYSPOT_FAULT_NAN_AT_STEP"
+NAN_WEIGHTS_AT_STEP = "SKYSPOT_FAULT_NAN_WEIGHTS_AT_STEP"
 DIVERGED = 3  # train/lm.py DIVERGED_EXIT_CODE
 IO_ERROR = 1  # train/lm.py IO_ERROR_EXIT_CODE: the environment failed a write
 ERROR = "train/lm.py: error:"
@@ -212,6 +213,27 @@ def test_a_diverging_run_stops_before_nan_reaches_a_checkpoint(tiny_assets, tmp_
     assert newest == Path(diverged["newest_checkpoint"])
     assert [e["code"] for e in events if e["event"] == "exit"] == [DIVERGED]
     assert not (run_dir / "final").exists(), "a diverged model was published"
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_weights_that_turn_nan_after_the_optimizer_step_are_never_saved(
+        tiny_assets, tmp_path, async_save):
+    """Finite loss and gradients, then a weight overflows in the update of step 8, the step
+    of a save: the checkpointer checks what it writes (an async save's snapshot, on its
+    thread) and commits nothing; the run stops with exit 3 naming the last good checkpoint
+    (with async saves step 9's nan loss may be seen first: the same stop)."""
+    ckpt = tmp_path / "ckpt"
+    args = lm_args(tiny_assets, ckpt, max_steps=12, async_checkpoint=async_save)
+    result = _run(args, tmp_path, **{NAN_WEIGHTS_AT_STEP: "8"})
+    assert result.returncode == DIVERGED, result.stderr[-3000:]
+    line = _error_line(result.stderr)
+    assert "nan/inf" in line and "Newest committed checkpoint" in line, line
+    if not async_save:
+        assert "after the optimizer step (model.safetensors: " in line, line
+    run_dir = ckpt / "t"
+    assert [p.name for p in _committed(run_dir)] == ["step-00000004"]
+    assert not (run_dir / "step-00000008" / MANIFEST).exists()
+    assert not (run_dir / "final").exists()
 
 
 def test_skip_nonfinite_steps_skips_them_and_finishes_finite(tiny_assets, tmp_path):

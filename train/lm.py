@@ -60,10 +60,11 @@ from skyspot.checkpoint import (  # noqa: E402
     CheckpointError,
     CheckpointWriteError,
     Committed,
+    NonFiniteState,
     describe_os_error,
     step_dirs,
 )
-from skyspot.divergence import nan_faults, nonfinite_at_step, state_is_finite  # noqa: E402
+from skyspot.divergence import nan_faults, nan_weight_faults, nonfinite_at_step  # noqa: E402
 from skyspot.events import EventLog  # noqa: E402
 from skyspot.launch import mark_preempted  # noqa: E402
 from skyspot.lease import RunLease  # noqa: E402
@@ -576,9 +577,11 @@ def train(cfg: Config) -> int:
                     snapshot_wait_seconds=round(saved.snapshot_wait_seconds, 4),
                     **{"async": saved.async_save})
 
+    # finite: a save whose state holds nan/inf is never committed; the check runs on what
+    # is written (an async save's snapshot, on the writer thread, not on the loop's time).
     checkpointer = Checkpointer(run_dir, keep_last=cfg.keep_last,
                                 async_save=cfg.async_checkpoint, on_commit=on_commit,
-                                required=resume_needs, owner=lease)
+                                required=resume_needs, owner=lease, finite=True)
 
     # --- resume --------------------------------------------------------------------
     step, epoch, consumed, tokens = 0, 0, 0, 0
@@ -653,6 +656,7 @@ def train(cfg: Config) -> int:
     # scale: routine, not divergence. There only a nan/inf loss counts.
     check_grad = accelerator.scaler is None
     faults = nan_faults(accelerator.process_index)
+    weight_faults = nan_weight_faults()
     running_loss = torch.zeros((), device=accelerator.device)
     progress = None
     if main_process and sys.stderr.isatty():
@@ -661,16 +665,26 @@ def train(cfg: Config) -> int:
 
     def save_finite(at_step: int, final: bool = False) -> None:
         """save(), never of nan/inf state; a failed write (events, files) is one line."""
-        if not state_is_finite(accelerator, model, optimizer):
-            stop_diverged(at_step, "the weights or the optimizer state are nan/inf after the "
-                                   "optimizer step")
-        with run_dir_errors():
+        with run_dir_errors(), finite_or_stop():
             save(at_step, final)
+
+    @contextlib.contextmanager
+    def finite_or_stop():
+        """Around every checkpointer call that can commit: a save whose state turned out
+        nan/inf (found on any rank, agreed on all) was not committed, and the run stops."""
+        try:
+            yield
+        except NonFiniteState as err:
+            stop_diverged(err.step, "the weights or the optimizer state are nan/inf after "
+                                    f"the optimizer step ({err})")
 
     def stop_diverged(at_step: int, what: str) -> None:
         """Raise Diverged on every rank together, having committed the save in flight (an
         earlier step's, finite) and saved nothing of the state at hand."""
-        checkpointer.wait()
+        try:
+            checkpointer.wait()
+        except NonFiniteState:  # the save in flight held it too: not committed, nothing lost
+            pass
         newest = [newest_committed(run_dir) if main_process else None]
         if world > 1:
             from accelerate.utils import broadcast_object_list
@@ -713,6 +727,9 @@ def train(cfg: Config) -> int:
         if advanced:
             checkpointer.before_update()  # an async save's snapshot must be taken first
             optimizer.step()
+            if step + 1 in weight_faults:  # NAN_WEIGHTS_AT_STEP_ENV: tests only
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -763,7 +780,9 @@ def train(cfg: Config) -> int:
         # flags, because signals, notices and clocks differ between ranks.
         minutes_due = (cfg.checkpoint_every_minutes > 0 and
                        time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60)
-        preempted, minutes_due = checkpointer.at_step_boundary(preemption.requested, minutes_due)
+        with finite_or_stop():
+            preempted, minutes_due = checkpointer.at_step_boundary(preemption.requested,
+                                                                   minutes_due)
         if preempted or step == cfg.max_steps:
             # After a skipped step too: its micro-batches are consumed. final: a periodic
             # save still being written is abandoned for this newer one, which is written
@@ -788,7 +807,8 @@ def train(cfg: Config) -> int:
                                 "--save-while-uploading to queue them anyway", skipped_in_a_row)
             last_save = time.monotonic()
         if preempted:
-            checkpointer.wait()
+            with finite_or_stop():
+                checkpointer.wait()
             mark_preempted()  # committed: from here on the job must read as preempted
             events.emit("preemption", reason=preemption.reason or "peer rank", step=step,
                         notice=preemption.notice_detail)
@@ -804,7 +824,8 @@ def train(cfg: Config) -> int:
             return PREEMPTED_EXIT_CODE
 
     # --- save ----------------------------------------------------------------------
-    checkpointer.wait()
+    with finite_or_stop():
+        checkpointer.wait()
     durable = checkpointer.wait_durable(cfg.durable_wait_seconds)
     if progress is not None:
         progress.close()
