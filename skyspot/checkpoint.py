@@ -1041,18 +1041,23 @@ class Checkpointer:
         return pending.step
 
     def _check_memory(self, states: dict[str, Layout]) -> None:
-        """One line, before anything is allocated, when the snapshot buffers won't fit."""
+        """Collective: one line on every rank, before anything is allocated, when some
+        rank's snapshot buffers won't fit."""
+        problem = None
         needed = self._staging.missing_bytes(states)
-        if not needed:
-            return
-        available = available_memory()
+        available = available_memory() if needed else None
         # 1 GiB or 10% of the state left over for everything else the process allocates.
         if available is not None and needed + max(1 << 30, needed // 10) > available:
-            raise CheckpointError(
-                f"async checkpoints keep one copy of the state in host memory: "
-                f"{needed / 1e9:.2f} GB, and this machine has {available / 1e9:.2f} GB "
-                "available (MemAvailable): checkpoint synchronously (drop "
-                "--async-checkpoint) or use a machine with more memory")
+            problem = (f"async checkpoints keep one copy of the state in host memory: "
+                       f"{needed / 1e9:.2f} GB, and this machine has {available / 1e9:.2f} GB "
+                       "available (MemAvailable): checkpoint synchronously (drop "
+                       "--async-checkpoint) or use a machine with more memory")
+        if _dist_on():
+            everyone: list[Any] = [None] * self.world_size
+            dist.all_gather_object(everyone, problem)
+            problem = next((found for found in everyone if found), None)
+        if problem:
+            raise CheckpointError(problem)
 
     def _fresh_dir(self, step: int) -> Path:
         name: list[Any] = [None]
