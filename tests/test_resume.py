@@ -4,6 +4,7 @@ uninterrupted run, compared tensor by tensor with torch.equal."""
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 
@@ -22,7 +23,7 @@ from trainer import (
 )
 
 from skyspot import PREEMPTED_EXIT_CODE
-from skyspot.checkpoint import ASYNC_WRITE_DELAY_ENV
+from skyspot.checkpoint import ASYNC_WRITE_DELAY_ENV, MANIFEST, latest_valid, write_file
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +153,37 @@ def test_a_preemption_during_a_slow_periodic_save_abandons_it_within_a_30s_grace
     after = _finish(tiny_assets, tmp_path, 2, 1, async_checkpoint=True)
     assert [e["step"] for e in after if e["event"] == "resumed"] == [saved["step"]]
     assert_bit_identical(weights(run_dir / "final"), baselines(2))
+
+
+def test_a_checkpoint_of_the_torch_save_format_still_resumes_bit_exactly(
+    tiny_assets, tmp_path, baselines
+):
+    """Runs checkpointed before the move to safetensors have model.pt, optimizer.pt,
+    scheduler.pt and rng-rank0.pt (torch.save): a relaunch after upgrading resumes from
+    them. The newest checkpoint of a preempted run is rewritten in that format, with a
+    manifest of its own, and the run finishes bit-identical to an uninterrupted one."""
+    events = tmp_path / "events-0.jsonl"
+    proc = start(command(lm_args(tiny_assets, tmp_path / "ckpt"), 1), env_for(events),
+                 tmp_path / "log.txt")
+    assert wait_until(lambda: last_step(read_events(events)) >= 6, proc)
+    kill_tree(proc, signal.SIGTERM)
+    assert proc.wait(timeout=30) == PREEMPTED_EXIT_CODE, (tmp_path / "log.txt").read_text()
+    newest = latest_valid(tmp_path / "ckpt" / "t")
+    manifest = newest.manifest
+    entries = []
+    for entry in manifest["files"]:
+        state = newest.load(entry["path"])
+        (newest.path / entry["path"]).unlink()
+        old_name = entry["path"].replace(".safetensors", ".pt")
+        entries.append(vars(write_file(newest.path, old_name, state)))
+    (newest.path / MANIFEST).unlink()
+    write_file(newest.path, MANIFEST, json.dumps({**manifest, "files": entries}).encode())
+    assert latest_valid(tmp_path / "ckpt" / "t").path == newest.path
+
+    after = _finish(tiny_assets, tmp_path, 1, 1)
+    (resumed,) = [e for e in after if e["event"] == "resumed"]
+    assert resumed["path"] == str(newest.path) and resumed["step"] == newest.step
+    assert_bit_identical(weights(tmp_path / "ckpt" / "t" / "final"), baselines(1))
 
 
 def test_a_real_failure_is_not_reported_as_a_preemption(tiny_assets, tmp_path):
