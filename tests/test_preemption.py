@@ -262,6 +262,9 @@ import json, os, signal, sys, time
 from skyspot.preemption import Preemption
 
 sig = signal.Signals[sys.argv[1]]
+# As a process started in the foreground has them: a shell without job control starts a
+# background job (`make test &`) with SIGINT ignored, and this child would inherit that.
+signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 before = signal.getsignal(sig)
 preemption = Preemption(None).install()
 os.kill(os.getpid(), sig)

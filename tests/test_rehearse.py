@@ -511,12 +511,18 @@ def test_ctrl_c_cleans_up_every_node(rehearse, tmp_path):
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
-    with MarkerWatch(marker) as watch:
-        threading.Thread(target=interrupt_once_running, daemon=True).start()
-        code, summary = rehearsal(
-            rehearse, tmp_path, TOY_CACHED, "--env", "TOTAL_STEPS=100000",
-            "--env", f"SETSID_MARKER={marker}",
-        )
+    # Ctrl-C as in a terminal: pytest started as a background job by a shell without job
+    # control (`make test &` in a script) inherits SIGINT ignored and would never stop.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with MarkerWatch(marker) as watch:
+            threading.Thread(target=interrupt_once_running, daemon=True).start()
+            code, summary = rehearsal(
+                rehearse, tmp_path, TOY_CACHED, "--env", "TOTAL_STEPS=100000",
+                "--env", f"SETSID_MARKER={marker}",
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130 and summary["status"] == "INTERRUPTED"
     assert summary["attempts"][-1]["ending"] == "interrupted"
     assert watch.pids and watch.running() == []
