@@ -260,8 +260,7 @@ def _create(path: Path):
     """A new file at ``path`` (O_EXCL): O_DIRECT on a local disk that takes it, else
     buffered."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    mount = mount_of(path.parent) if hasattr(os, "O_DIRECT") else None
-    if mount is not None and mount.fstype in _BLOCK_FILESYSTEMS:
+    if hasattr(os, "O_DIRECT") and _on_local_disk(path.parent):
         try:
             return _DirectFile(os.open(path, flags | os.O_DIRECT, 0o644))
         except OSError as err:
@@ -389,17 +388,29 @@ def _host_buffer(size: int) -> Any:
     return bytearray(size)
 
 
+def _check_stat(directory: Path, entry: dict) -> None:
+    """Raise _Unusable unless file ``entry`` of ``directory`` is a regular file (never a
+    symlink, a device or a FIFO) of the listed size."""
+    name = entry["path"]
+    try:
+        info = (directory / name).lstat()
+    except FileNotFoundError:
+        raise _Unusable(f"{name} missing") from None
+    except OSError as err:  # EIO on a FUSE mount, ELOOP, EACCES...: skip, never crash
+        raise _Unusable(f"{name} unreadable: {_why(err)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _Unusable(f"{name} is not a regular file ({_kind(info.st_mode)})")
+    if info.st_size != entry["size"]:
+        raise _Unusable(f"{name} has {info.st_size} bytes, manifest says {entry['size']}")
+
+
 def _read_checked(directory: Path, entry: dict, *, keep: bool) -> Any:
     """Read file ``entry`` of ``directory`` once, hashing as it reads; its bytes (keep) or
     None. Raises _Unusable with the reason when it is not exactly what the entry says."""
     name, size = entry["path"], entry["size"]
     digest = xxhash.xxh3_128()
+    _check_stat(directory, entry)
     try:
-        info = (directory / name).lstat()
-        if not stat.S_ISREG(info.st_mode):
-            raise _Unusable(f"{name} is not a regular file ({_kind(info.st_mode)})")
-        if info.st_size != size:
-            raise _Unusable(f"{name} has {info.st_size} bytes, manifest says {size}")
         with open(directory / name, "rb", buffering=0, opener=_open_nofollow) as f:
             if keep and size and _on_local_disk(directory):
                 # Mapped, privately: the pages are read once into the page cache, hashed
@@ -495,24 +506,14 @@ def verify(path: Path, required: Callable[[dict], list[str]] | None = None, *,
             reason = f"{MANIFEST} does not list {', '.join(missing)}, which a resume needs"
     if reason is not None:
         return None, reason
-    for entry in manifest["files"]:
-        if checksums:
-            continue  # below, all files at once
-        name = entry["path"]
-        try:
-            info = (path / name).lstat()
-        except FileNotFoundError:
-            return None, f"{name} missing"
-        except OSError as err:
-            return None, f"{name} unreadable: {_why(err)}"
-        if not stat.S_ISREG(info.st_mode):
-            return None, f"{name} is not a regular file ({_kind(info.st_mode)})"
-        if info.st_size != entry["size"]:
-            return None, f"{name} has {info.st_size} bytes, manifest says {entry['size']}"
-    if checksums:
+    if checksums:  # every file read and hashed (which checks its kind and size first)
         _, reason = _read_all(path, manifest, keep=False)
-        if reason is not None:
-            return None, reason
+        return (None, reason) if reason is not None else (manifest, None)
+    try:
+        for entry in manifest["files"]:
+            _check_stat(path, entry)
+    except _Unusable as err:
+        return None, str(err)
     return manifest, None
 
 
@@ -642,9 +643,9 @@ def latest_valid(root: Path, required: Callable[[dict], list[str]] | None = None
     returned checkpoint holds the bytes it was verified with, for load() to use, so each
     byte is read once (peak memory: the checkpoint's size until its files are loaded)."""
     for step, _, path in step_dirs(root):
-        manifest, reason = _verify_keeping(path, required, keep)
+        manifest, data, reason = _verified(path, required, keep)
         if manifest is not None:
-            return Checkpoint(path, step, manifest, data=manifest.pop("_data", {}))
+            return Checkpoint(path, step, manifest, data=data)
         if _is_empty(path):
             # An empty directory holds nothing to lose: a save killed before its first
             # file, or a deleted checkpoint whose "directory" a bucket listing still shows.
@@ -667,24 +668,21 @@ def load_checkpoint(path: Path, required: Callable[[dict], list[str]] | None = N
     parsed = parse_dir_name(path.name)
     if not parsed:
         raise CheckpointError(f"{path} is not a checkpoint directory (expected step-NNNNNNNN)")
-    manifest, reason = _verify_keeping(path, required, keep)
+    manifest, data, reason = _verified(path, required, keep)
     if manifest is None:
         raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
-    return Checkpoint(path, parsed[0], manifest, data=manifest.pop("_data", {}))
+    return Checkpoint(path, parsed[0], manifest, data=data)
 
 
-def _verify_keeping(path: Path, required: Callable[[dict], list[str]] | None, keep: bool,
-                    ) -> tuple[dict | None, str | None]:
-    """verify(), with the verified bytes under the manifest's "_data" when keep."""
-    if not keep:
-        return verify(path, required)
-    manifest, reason = verify(path, required, checksums=False)
-    if manifest is None:
-        return None, reason
+def _verified(path: Path, required: Callable[[dict], list[str]] | None, keep: bool,
+              ) -> tuple[dict | None, dict[str, Any], str | None]:
+    """verify(), plus the bytes it verified ({name: bytes}) when keep: (manifest, data,
+    None) or (None, {}, reason)."""
+    manifest, reason = verify(path, required, checksums=not keep)
+    if manifest is None or not keep:
+        return manifest, {}, reason
     data, reason = _read_all(path, manifest, keep=True)
-    if reason is not None:
-        return None, reason
-    return {**manifest, "_data": data}, None
+    return (None, {}, reason) if reason is not None else (manifest, data, None)
 
 
 def versions() -> dict[str, str]:
@@ -737,7 +735,6 @@ class _Pending:
     commit_error: BaseException | None = None
     stall: float = 0.0  # seconds the loop waited on this save
     snapshot_wait: float = 0.0
-    copy_seconds: float = 0.0  # the snapshot copy, on the writer thread
 
 
 def _dist_on() -> bool:
@@ -936,7 +933,6 @@ class Checkpointer:
             pending.thread.start()
             pending.stall += time.monotonic() - started
         else:
-            pending.copied.set()
             self._write(pending, layouts, {})
             pending.stall = time.monotonic() - started
             self._pending = pending
@@ -973,15 +969,12 @@ class Checkpointer:
             tensor = torch.tensor(values, dtype=torch.float32)
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
             values = tensor.tolist()
-        if pending is not None:
+        if pending is not None and pending.stage == "writing" and not values[-2]:
             started = time.monotonic()
-            if pending.stage == "writing" and not values[-2]:
-                self._start_commit(pending, inline=False)
-            elif pending.stage == "committing" and values[-1]:
-                pending.stall += time.monotonic() - started
-                self._finish_commit(pending)
-                return tuple(bool(value) for value in values[:-2])
+            self._start_commit(pending, inline=False)
             pending.stall += time.monotonic() - started
+        elif pending is not None and pending.stage == "committing" and values[-1]:
+            self._finish_commit(pending)  # counts its own time
         return tuple(bool(value) for value in values[:-2])
 
     def backlog(self) -> str | None:
@@ -1085,7 +1078,6 @@ class Checkpointer:
                              ready: Any) -> None:
         """The writer thread: snapshot, then write from the snapshot."""
         try:
-            started = time.monotonic()
             staged = self._staging.take(states)
             pairs = [(src, dst) for name, layout in states.items()
                      for src, dst in zip(layout.tensors, staged[name], strict=True)]
@@ -1107,7 +1099,6 @@ class Checkpointer:
                     dst.copy_(src)  # torch lets go of the GIL: the loop runs meanwhile
                     if delay:
                         pending.cancel.wait(delay)
-            pending.copy_seconds = time.monotonic() - started
         except BaseException as err:  # reported on the main thread by _start_commit
             pending.error = err
             return

@@ -144,6 +144,7 @@ def test_a_preemption_during_a_slow_periodic_save_abandons_it_within_a_30s_grace
     grace_s = 30
     assert proc.wait(timeout=grace_s) == PREEMPTED_EXIT_CODE, (tmp_path / "log.txt").read_text()
     before = read_events(events)
+    assert [e["world_size"] for e in before if e["event"] == "start"] == [2]
     (abandoned,) = [e for e in before if e["event"] == "checkpoint_abandoned"]
     assert f"step-{abandoned['step']:08d}" == slow.name
     saved = [e for e in before if e["event"] == "checkpoint"][-1]

@@ -368,8 +368,8 @@ def resume_needs(manifest: dict) -> list[str]:
 
 
 def state_file_ext(manifest: dict) -> str:
-    """".safetensors", or ".pt" for a checkpoint written before skyspot 0.x moved to
-    safetensors (torch.save files): both are read."""
+    """".safetensors", or ".pt" for a checkpoint written before skyspot's checkpoints moved
+    to safetensors (torch.save files): both are read."""
     listed = {entry.get("path") for entry in manifest.get("files", [])
               if isinstance(entry, dict)}
     return ".pt" if "model.pt" in listed and "model.safetensors" not in listed else (
@@ -807,8 +807,7 @@ def train(cfg: Config) -> int:
                                 "--save-while-uploading to queue them anyway", skipped_in_a_row)
             last_save = time.monotonic()
         if preempted:
-            with finite_or_stop():
-                checkpointer.wait()
+            checkpointer.wait()
             mark_preempted()  # committed: from here on the job must read as preempted
             events.emit("preemption", reason=preemption.reason or "peer rank", step=step,
                         notice=preemption.notice_detail)
@@ -824,8 +823,7 @@ def train(cfg: Config) -> int:
             return PREEMPTED_EXIT_CODE
 
     # --- save ----------------------------------------------------------------------
-    with finite_or_stop():
-        checkpointer.wait()
+    checkpointer.wait()
     durable = checkpointer.wait_durable(cfg.durable_wait_seconds)
     if progress is not None:
         progress.close()
