@@ -107,7 +107,20 @@ class Config:
     # optimisation; global batch = batch_size * grad_accum * world_size sequences
     seq_len: int = field(default=512, metadata={"help": "tokens per sequence"})
     batch_size: int = field(default=8, metadata={"help": "sequences per device per micro-step"})
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step; "
+                                                 "derived when --global-batch is given"})
+    global_batch: int = field(default=0, metadata={
+        "help": "sequences per optimizer step, kept on any world size: --grad-accum becomes "
+                "global batch / (--batch-size x processes), which must divide evenly. "
+                "0: --batch-size x --grad-accum x processes"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard the weights, gradients and optimizer state over the processes "
+                "(torch FSDP2 fully_shard, one unit per decoder layer); every process writes "
+                "its own shard of each checkpoint"})
+    elastic: bool = field(default=False, metadata={
+        "help": "allow a resume onto another number of processes: the global batch and the "
+                "position in the data (in samples) are kept and the state is resharded. Set "
+                "it from the first launch: it fixes the epoch to whole global batches"})
     lr: float = 3e-4
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
@@ -191,6 +204,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"{_flag(name)} must be a finite number {allowed} (got {value})")
         if value < low or (value == low and not low_ok) or (high is not None and value > high):
             raise ConfigError(f"{_flag(name)} must be {allowed} (got {value})")
+    if cfg.fsdp and cfg.mixed_precision == "fp16":
+        raise ConfigError("--fsdp takes --mixed-precision bf16 or no, not fp16 (sharded "
+                          "gradients have no loss scaler here): use bf16")
     if cfg.keep_last < 2:
         raise ConfigError(f"--keep-last must be at least 2 (got {cfg.keep_last}): the newest "
                           "checkpoint may be torn by a kill, the one before is the fallback")
@@ -212,6 +228,7 @@ _RANGES = {
     "warmup_steps": (0, True, None), "seed": (0, True, 2**32 - 1),
     "checkpoint_every_minutes": (0, True, None), "durable_wait_seconds": (0, True, None),
     "notice_poll_seconds": (0, True, None), "skip_nonfinite_steps": (0, True, None),
+    "global_batch": (0, True, None),
 }
 
 
