@@ -655,6 +655,17 @@ def latest_valid(root: Path, required: Callable[[dict], list[str]] | None = None
     return None
 
 
+_RANK_FILE = re.compile(r"-rank(\d+)\.[^.]+$")
+
+
+def _checked_by(name: str, world_size: int) -> int:
+    """The rank that reads and hashes file ``name`` when a run of ``world_size`` ranks
+    resumes: one named for rank r (``rng-rank3.safetensors``), r mod world size, the rest
+    (the shared files) rank 0."""
+    match = _RANK_FILE.search(name)
+    return int(match[1]) % world_size if match else 0
+
+
 def _is_empty(path: Path) -> bool:
     try:
         return not any(path.iterdir())
@@ -859,36 +870,96 @@ class Checkpointer:
         incomplete or corrupt. Only when the run has none is ``seed`` used (it must verify
         or CheckpointError is raised): a managed job relaunches the same command after
         every preemption, and going back to the seed each time would lose everything since.
-        Rank 0 keeps the bytes it verified, so its ``load()`` reads nothing again.
+
+        Rank 0 lists the candidates, newest first: a well-formed manifest that lists what
+        the trainer requires, every listed file a regular file of the listed size (no byte
+        read yet). Then every listed file is read and hashed by one rank: a file named for
+        rank r (``*-rank<r>.*``) by rank r mod world size, the rest by rank 0. Each rank
+        keeps the bytes it verified for its own ``load()``, so with an unchanged world size
+        every byte is read once, spread over the ranks. One all-gather per candidate: a
+        file found bad on ANY rank (a torn shard of rank 1 alone, say) makes the candidate
+        invalid on every rank, and all of them fall back to the next older one together.
         """
-        # Rank 0 chooses and sends the whole choice, manifest included: on another node's
-        # mount the files rank 0 verified may not be listed yet (rclone's dir cache).
-        chosen: list[Any] = [None]
-        ckpt: Checkpoint | None = None
+        listing: list[Any] = [None]
         if self.rank == 0:
             try:
-                ckpt = latest_valid(self.root, self.required, keep=True)
-                if ckpt is not None and seed is not None:
-                    log.info("resuming from this run's own %s; the seed %s is used only while "
-                             "the run has no checkpoint of its own", ckpt.path, seed)
-                if ckpt is None and seed is not None:
-                    ckpt = load_checkpoint(seed, self.required, keep=True)
-                chosen[0] = None if ckpt is None else (ckpt.path, ckpt.step, ckpt.manifest)
+                listing[0] = self._candidates(seed)
             except CheckpointError as err:
-                chosen[0] = err
+                listing[0] = err
         if _dist_on():
-            dist.broadcast_object_list(chosen, src=0)  # without the bytes: each rank reads
-        if isinstance(chosen[0], CheckpointError):
-            raise chosen[0]
-        if chosen[0] is None:
+            # The whole choice, manifests included: on another node's mount the files rank 0
+            # listed may not be listed yet (rclone's dir cache).
+            dist.broadcast_object_list(listing, src=0)
+        if isinstance(listing[0], CheckpointError):
+            raise listing[0]
+        ckpt = None
+        for path, step, manifest, seed_problem in listing[0]:
+            if seed_problem is not None:  # the seed, needed, failed rank 0's listing checks
+                raise CheckpointError(f"checkpoint {path} is not usable: {seed_problem}")
+            data, reason = self._verify_mine(path, manifest)
+            reasons = [reason]
+            if _dist_on():
+                reasons = [None] * self.world_size
+                dist.all_gather_object(reasons, reason)
+            bad = [(rank, why) for rank, why in enumerate(reasons) if why is not None]
+            if not bad:
+                ckpt = Checkpoint(path, step, manifest, data=data)
+                break
+            del data
+            why = "; ".join(f"rank {rank}: {why}" if rank else why for rank, why in bad)
+            if seed is not None and path == seed:
+                raise CheckpointError(f"checkpoint {path} is not usable: {why}")
+            if self.rank == 0:
+                log.warning("skipping checkpoint %s: %s", path, why)
+        if ckpt is None:
             return None
-        if ckpt is None:  # ranks > 0: read their own files when they load them
-            ckpt = Checkpoint(*chosen[0])
-        if self.rank == 0:  # retention runs on rank 0 only
+        if self.rank == 0:
+            if seed is not None and ckpt.path != seed:
+                log.info("resuming from this run's own %s; the seed %s is used only while "
+                         "the run has no checkpoint of its own", ckpt.path, seed)
+            # Retention runs on rank 0 only.
             files = {entry["path"]: entry["size"] for entry in ckpt.manifest["files"]}
             manifest_size = (ckpt.path / MANIFEST).stat().st_size
             self._committed = {ckpt.path: {**files, MANIFEST: manifest_size}}
         return ckpt
+
+    def _candidates(self, seed: Path | None) -> list[tuple[Path, int, dict, str | None]]:
+        """Rank 0: (path, step, manifest, None) of every checkpoint of the run that passes
+        verify() without reading file contents, newest first; then the seed, as the last
+        resort: (seed, step, manifest, None), or (seed, 0, {}, why it is unusable)."""
+        found = []
+        for step, _, path in step_dirs(self.root):
+            manifest, reason = verify(path, self.required, checksums=False)
+            if manifest is not None:
+                found.append((path, step, manifest, None))
+            elif _is_empty(path):  # nothing to lose: see latest_valid
+                log.debug("skipping empty checkpoint directory %s", path)
+            else:
+                log.warning("skipping checkpoint %s: %s", path, reason)
+        if seed is not None:
+            parsed = parse_dir_name(seed.name)
+            if not parsed:
+                raise CheckpointError(
+                    f"{seed} is not a checkpoint directory (expected step-NNNNNNNN)")
+            manifest, reason = verify(seed, self.required, checksums=False)
+            found.append((seed, parsed[0], manifest or {}, reason))
+        return found
+
+    def _verify_mine(self, path: Path, manifest: dict) -> tuple[dict[str, Any], str | None]:
+        """Read and hash the files of ``path`` that this rank checks (see resume_point):
+        ({name: bytes}, None), or ({}, the reason the first bad one is unusable)."""
+        mine = {**manifest, "files": [entry for entry in manifest["files"]
+                                      if _checked_by(entry["path"], self.world_size) == self.rank]}
+        if not mine["files"]:
+            return {}, None
+        if self.rank != 0:
+            # Another node's mount lists files written elsewhere only after its directory
+            # cache expires (rclone: --dir-cache-time 10s); rank 0 has seen them all.
+            deadline = time.monotonic() + _LIST_GRACE_S
+            while (not all((path / e["path"]).exists() for e in mine["files"])
+                   and time.monotonic() < deadline):
+                time.sleep(0.5)
+        return _read_all(path, mine, keep=True)
 
     # --- save ---------------------------------------------------------------------
 
