@@ -66,6 +66,10 @@ TRAINER_FLAG_ENVS = {
     "--notice-poll-seconds": "NOTICE_POLL_SECONDS",
 }
 TRAINER_BOOL_ENVS = {"--from-scratch": "FROM_SCRATCH", "--async-checkpoint": "ASYNC_CHECKPOINT"}
+# An elastic recipe (run: passes --elastic) may land on another GPU count at every recovery,
+# so it passes the global batch (sequences per optimizer step) instead of --grad-accum: the
+# trainer derives grad-accum = GLOBAL_BATCH / (BATCH_SIZE x processes) on whatever it gets.
+ELASTIC_FLAG_ENVS = {"--global-batch": "GLOBAL_BATCH"}
 
 # Recipe env -> preprocess/tokenize.py flag. --output-dir is $DATA_DIR/$OUTPUT_NAME, in the
 # bucket; --tokenizer is TOKENIZER, or MODEL in a pipeline (one --env MODEL=... sets both
@@ -208,6 +212,12 @@ def is_trainer(case: Case) -> bool:
     return "train/lm.py" in (case.doc.get("run") or "")
 
 
+def is_elastic(case: Case) -> bool:
+    """A trainer whose run: passes --elastic: it may resume on another number of processes
+    (the test of its run: checks the parsed flag agrees)."""
+    return is_trainer(case) and bool(re.search(r"(?<![\w-])--elastic(?![\w-])", case.doc["run"]))
+
+
 def is_preprocess(case: Case) -> bool:
     return "preprocess/tokenize.py" in (case.doc.get("run") or "")
 
@@ -275,10 +285,9 @@ def gpu_count(resources) -> int:
     return int(sum((resources.accelerators or {}).values()))
 
 
-def gpus_per_node(task: sky.Task) -> int:
-    counts = {gpu_count(r) for r in task.resources}
-    assert len(counts) == 1, f"candidates differ in GPU count: {sorted(counts)}"
-    return counts.pop()
+def gpu_counts(task: sky.Task) -> list[int]:
+    """The GPUs per node of the task's candidates, each count once, smallest first."""
+    return sorted({gpu_count(r) for r in task.resources})
 
 
 def mount_targets(task: sky.Task) -> list[str]:
@@ -351,7 +360,8 @@ def execute(
         "SKYPILOT_NODE_RANK": "0",
         "SKYPILOT_NODE_IPS": "\n".join(f"10.0.0.{i + 1}" for i in range(num_nodes)),
         "SKYPILOT_NUM_NODES": str(num_nodes),
-        "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus_per_node(task)),
+        # An elastic recipe's candidates differ: the biggest (tests pass the others).
+        "SKYPILOT_NUM_GPUS_PER_NODE": str(max(gpu_counts(task))),
         "SKYPILOT_TASK_ID": f"sky-managed-2025-01-01-00-00-00-000000_{task.name}_7-0",
         "SKYPILOT_MANAGED_JOB_ID": "7",
     }
@@ -422,11 +432,20 @@ def run_and_parse(task, tmp_path, **env):
     return ns, train_args, parse_trainer(train_args)
 
 
-def trainer_expects(task: sky.Task, flag: str) -> str:
+def trainer_flag_envs(case: Case) -> dict[str, str]:
+    """Trainer flag -> recipe env, every one of which the task's run: must pass."""
+    if not is_elastic(case):
+        return TRAINER_FLAG_ENVS
+    fixed = {f: e for f, e in TRAINER_FLAG_ENVS.items() if f != "--grad-accum"}
+    return {**fixed, **ELASTIC_FLAG_ENVS}
+
+
+def trainer_expects(case: Case, flag: str) -> str:
     """The value a trainer task's run: must pass for `flag`, from its envs."""
+    task = task_at(case)
     if flag == "--dataset" and "DATASET" not in task.envs:  # a pipeline's: the preprocessed
         return f"{task.envs['DATA_DIR']}/{task.envs['OUTPUT_NAME']}"
-    return task.envs[TRAINER_FLAG_ENVS[flag]]
+    return task.envs[trainer_flag_envs(case)[flag]]
 
 
 @functools.cache
@@ -474,6 +493,7 @@ def _params(cases: list[Case]):
 CASES = [Case(p, i) for p in RECIPES for i in range(len(documents(p)))]
 JOBS = [c for c in CASES if not is_pool(c)]
 TRAINERS = [c for c in CASES if is_trainer(c)]
+ELASTIC = [c for c in TRAINERS if is_elastic(c)]
 PREPROCESSORS = [c for c in CASES if is_preprocess(c)]
 POOLS = [c for c in CASES if is_pool(c)]
 PIPELINES = [p for p in RECIPES if is_pipeline(p)]
@@ -482,6 +502,7 @@ recipe_params = pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RE
 task_params = _params(CASES)
 job_params = _params(JOBS)
 trainer_params = _params(TRAINERS)
+elastic_params = _params(ELASTIC)
 preprocess_params = _params(PREPROCESSORS)
 pool_params = _params(POOLS)
 cpu_params = _params([c for c in CASES if not uses_gpus(c)])
@@ -496,6 +517,8 @@ def test_the_recipes_exist():
         "train-lm-spot.yaml",
         "train-lm-spot-ondemand-fallback.yaml",
         "train-lm-multinode.yaml",
+        "train-lm-fsdp.yaml",
+        "train-lm-elastic.yaml",
         "preprocess-tokenize.yaml",
         "preprocess-tokenize-pool.yaml",
         "pretrain-pipeline.yaml",
@@ -638,16 +661,55 @@ def test_job_recovery_relaunches_on_a_preemption_save(case):
 
 
 @task_params
-def test_all_candidates_have_the_same_gpu_count(case):
-    # The world size must not change on a recovery: no elastic resume yet.
+def test_candidates_gpu_counts(case):
+    # A recovery picks again among all candidates, by price: the world size may change only
+    # where the trainer resumes elastically (--elastic). Any other trainer refuses a
+    # checkpoint written by another number of processes, so its candidates share one count.
     task = task_at(case)
-    count = gpus_per_node(task)
+    counts = gpu_counts(task)
     if is_trainer(case):
-        assert count >= 1
+        assert min(counts) >= 1
+        if not is_elastic(case):
+            assert len(counts) == 1, f"GPU counts {counts} differ and run: passes no --elastic"
     elif uses_gpus(case):  # batch inference (or its pool): one GPU per job, one engine
-        assert count == 1
+        assert counts == [1]
     else:  # tokenizing is CPU work: a GPU there would be paid for and idle
-        assert count == 0
+        assert counts == [0]
+
+
+@elastic_params
+def test_elastic_global_batch_divides_on_every_candidate(case, tmp_path):
+    # The trainer keeps GLOBAL_BATCH on any world size by deriving grad-accum =
+    # GLOBAL_BATCH / (BATCH_SIZE x processes), and refuses a world size where that is not a
+    # whole number: every candidate the job can recover onto must give one.
+    task = task_at(case)
+    nodes = task.num_nodes or 1
+    global_batch, batch = int(task.envs["GLOBAL_BATCH"]), int(task.envs["BATCH_SIZE"])
+    for gpus in gpu_counts(task):
+        processes = nodes * gpus
+        assert global_batch % (batch * processes) == 0, (
+            f"GLOBAL_BATCH {global_batch} is not a multiple of BATCH_SIZE {batch} x "
+            f"{processes} processes ({nodes} node(s) x {gpus} GPUs)")
+        ns, train_args, args = run_and_parse(
+            task, tmp_path, SKYPILOT_NUM_GPUS_PER_NODE=str(gpus))
+        assert ns.num_processes == processes
+        assert args.elastic and args.global_batch == global_batch and args.batch_size == batch
+        assert "--grad-accum" not in train_args, "derived from the global batch: not passed"
+
+
+def test_the_elastic_recipe_mixes_gpu_counts():
+    # Its point: more spot capacity to recover onto, at 4 GPUs or 8.
+    case = Case(REPO / "recipes" / "train-lm-elastic.yaml")
+    assert is_elastic(case) and len(gpu_counts(task_at(case))) > 1
+
+
+def test_the_fsdp_recipe_shards_its_state_over_8_gpus(tmp_path):
+    # 7.62e9 params x 16 B (fp32 weights, grads, two AdamW moments) = ~122 GB: it fits
+    # 8 x 80 GB GPUs only sharded, and FSDP takes bf16 (the trainer refuses fp16).
+    task = task_of(REPO / "recipes" / "train-lm-fsdp.yaml")
+    _, _, args = run_and_parse(task, tmp_path)
+    assert args.fsdp and not args.elastic and args.mixed_precision == "bf16"
+    assert gpu_counts(task) == [8]
 
 
 @task_params
@@ -738,23 +800,26 @@ def test_preprocess_output_goes_to_a_persistent_mount_cached_bucket(case, tmp_pa
 def test_run_launches_the_trainer_with_flags_its_parser_accepts(case, tmp_path):
     task = task_at(case)
     assert "python -m skyspot.launch --" in task.run
-    ns, train_args, args = run_and_parse(task, tmp_path)
+    nodes = task.num_nodes or 1
+    for gpus in gpu_counts(task):  # one count, or an elastic recipe's several
+        ns, train_args, args = run_and_parse(task, tmp_path, SKYPILOT_NUM_GPUS_PER_NODE=str(gpus))
 
-    nodes, gpus = task.num_nodes or 1, gpus_per_node(task)
-    assert ns.num_machines == nodes
-    assert ns.num_processes == nodes * gpus
-    assert ns.multi_gpu == (nodes * gpus > 1)
-    assert ns.mixed_precision == task.envs["MIXED_PRECISION"] == args.mixed_precision
+        assert ns.num_machines == nodes
+        assert ns.num_processes == nodes * gpus
+        assert ns.multi_gpu == (nodes * gpus > 1)
+        assert ns.mixed_precision == task.envs["MIXED_PRECISION"] == args.mixed_precision
 
-    assert "--run-name" not in train_args, "the trainer derives the run name"
-    for flag in TRAINER_FLAG_ENVS:
-        assert flag in train_args, f"run: does not pass {flag}"
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        expected = trainer_expects(task, flag)
-        assert str(value) == expected or value == type(value)(expected), (flag, value, expected)
-    for flag, env in TRAINER_BOOL_ENVS.items():
-        dest = flag.lstrip("-").replace("-", "_")
-        assert getattr(args, dest) == (task.envs[env].lower() == "true"), flag
+        assert "--run-name" not in train_args, "the trainer derives the run name"
+        assert args.elastic == is_elastic(case), "--elastic as the parser reads it"
+        for flag in trainer_flag_envs(case):
+            assert flag in train_args, f"run: does not pass {flag}"
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            expected = trainer_expects(case, flag)
+            assert str(value) == expected or value == type(value)(expected), (
+                flag, value, expected)
+        for flag, env in TRAINER_BOOL_ENVS.items():
+            dest = flag.lstrip("-").replace("-", "_")
+            assert getattr(args, dest) == (task.envs[env].lower() == "true"), flag
 
 
 @preprocess_params
