@@ -34,6 +34,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -52,8 +53,15 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor  # noqa: E402
 
-from skyspot import PREEMPTED_EXIT_CODE, packed, skyenv  # noqa: E402
+from skyspot import PREEMPTED_EXIT_CODE, packed, sharded, skyenv  # noqa: E402
 from skyspot.checkpoint import (  # noqa: E402
     MANIFEST,
     Checkpointer,
@@ -89,6 +97,9 @@ SKIPS_BEFORE_WARNING = 10
 # a failure of the environment such as a full disk or a read-only mount.
 DIVERGED_EXIT_CODE = 3
 IO_ERROR_EXIT_CODE = 1
+# Tests only: a directory where every rank appends, per micro-batch, the optimizer step it
+# feeds and the indices of its sequences (JSON lines), so a test can count every sample.
+TRACE_SAMPLES_ENV = "SKYSPOT_TRACE_SAMPLES"
 
 
 # ----------------------------------------------------------------------------- config
@@ -204,6 +215,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"{_flag(name)} must be a finite number {allowed} (got {value})")
         if value < low or (value == low and not low_ok) or (high is not None and value > high):
             raise ConfigError(f"{_flag(name)} must be {allowed} (got {value})")
+    if cfg.elastic and not cfg.global_batch:
+        raise ConfigError("--elastic needs --global-batch N: the number of sequences per "
+                          "optimizer step that it keeps on every number of processes")
     if cfg.fsdp and cfg.mixed_precision == "fp16":
         raise ConfigError("--fsdp takes --mixed-precision bf16 or no, not fp16 (sharded "
                           "gradients have no loss scaler here): use bf16")
@@ -216,9 +230,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
 # Settings that alter the math of a run. Every checkpoint records them (meta["config"]); a
 # resume whose value differs is refused unless --allow-config-change names the setting
 # (skyspot.settings).
-SETTINGS = ("model", "dataset", "text_column", "seq_len", "batch_size", "grad_accum", "lr",
-            "warmup_steps", "max_steps", "weight_decay", "max_grad_norm", "seed",
-            "mixed_precision")
+SETTINGS = ("model", "dataset", "text_column", "seq_len", "batch_size", "grad_accum",
+            "global_batch", "elastic", "lr", "warmup_steps", "max_steps", "weight_decay",
+            "max_grad_norm", "seed", "mixed_precision")
 
 # Allowed values of the numeric flags not checked for >= 1 above: name -> (lowest, whether
 # the lowest itself is allowed, highest or None). Every float flag is here (nan and inf
@@ -236,27 +250,68 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def set_global_batch(cfg: Config, world: int) -> None:
+    """Make cfg.global_batch and cfg.grad_accum the run's on ``world`` processes: with
+    --global-batch, grad-accum = global batch / (batch size x world), refused in one line
+    naming what would divide evenly when it does not (never rounded: that would change the
+    global batch silently)."""
+    if not cfg.global_batch:
+        cfg.global_batch = cfg.batch_size * cfg.grad_accum * world
+        return
+    per_micro_step = cfg.batch_size * world
+    if cfg.global_batch % per_micro_step:
+        worlds = [w for w in range(1, cfg.global_batch // cfg.batch_size + 1)
+                  if cfg.global_batch % (cfg.batch_size * w) == 0]
+        batches = [b for b in range(1, cfg.global_batch // world + 1)
+                   if cfg.global_batch % (b * world) == 0]
+        raise ConfigError(
+            f"--global-batch {cfg.global_batch} is not divisible by --batch-size "
+            f"{cfg.batch_size} x {world} processes = {per_micro_step}: process counts that "
+            f"keep it with --batch-size {cfg.batch_size}: {_listed(worlds)}; --batch-size "
+            f"values that keep it on {world} processes: {_listed(batches)}")
+    derived = cfg.global_batch // per_micro_step
+    if cfg.grad_accum not in (1, derived):
+        raise ConfigError(f"--grad-accum {cfg.grad_accum} contradicts --global-batch "
+                          f"{cfg.global_batch} on {world} processes of --batch-size "
+                          f"{cfg.batch_size} (that is --grad-accum {derived}): drop --grad-accum")
+    cfg.grad_accum = derived
+
+
+def _listed(values: list[int]) -> str:
+    return ", ".join(map(str, values)) if values else "none"
+
+
 def check_resume(cfg: Config, path: Path, step: int, manifest: dict, world: int,
                  ) -> list[Change] | None:
     """Refuse to resume from checkpoint ``path`` (at ``step``) in a way that would change
-    the run silently: a --max-steps below its step (even if allowed), another world size,
-    or a setting that differs from the one it recorded and --allow-config-change does not
-    name (SettingsChanged). One line each. Returns the accepted changes, or None for a
-    checkpoint written before settings were recorded (only the global batch is checked)."""
+    the run silently: a --max-steps below its step (even if allowed), another world size
+    unless the run is --elastic from its first launch, sharded state without --fsdp (or
+    the reverse), or a setting that differs from the one it recorded and
+    --allow-config-change does not name (SettingsChanged). One line each. ``cfg`` holds
+    the global batch and grad-accum for ``world`` (set_global_batch). Returns the accepted
+    changes, or None for a checkpoint written before settings were recorded (only the
+    global batch is checked)."""
     meta = manifest.get("meta") or {}
     if cfg.max_steps < step:
         raise ConfigError(f"--max-steps {cfg.max_steps} is below step {step} of checkpoint "
                           f"{path}, which this run resumes from; pass --max-steps {step} or "
                           "more, or use a new --run-name")
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    if manifest["world_size"] != world:
+    global_batch = cfg.global_batch
+    recorded = meta.get("config")
+    if manifest["world_size"] != world and not (
+            cfg.elastic and isinstance(recorded, dict) and recorded.get("elastic")):
         raise CheckpointError(
             f"checkpoint {path} was written with world size "
             f"{manifest['world_size']} (global batch {meta.get('global_batch')}); this run "
-            f"has world size {world} (global batch {global_batch}). Elastic resume is not "
-            "supported yet: relaunch with the same number of processes, or use a new "
-            "--run-name")
-    recorded = meta.get("config")
+            f"has world size {world} (global batch {global_batch}). Relaunch with "
+            f"{manifest['world_size']} processes, or use a new --run-name; to resume onto "
+            "another number of processes, launch the run with --elastic --global-batch N "
+            "from the start")
+    if bool(meta.get("sharded")) != cfg.fsdp:
+        raise ConfigError(
+            f"checkpoint {path} holds {'sharded' if meta.get('sharded') else 'unsharded'} "
+            f"state; this run {'shards' if cfg.fsdp else 'does not shard'} it: relaunch "
+            f"{'with' if meta.get('sharded') else 'without'} --fsdp, or use a new --run-name")
     if not isinstance(recorded, dict):
         if meta.get("global_batch") != global_batch:
             raise CheckpointError(
@@ -265,9 +320,11 @@ def check_resume(cfg: Config, path: Path, step: int, manifest: dict, world: int,
                 f"{global_batch}: relaunch with the checkpoint's --batch-size and "
                 "--grad-accum, or use a new --run-name")
         return None
+    current = record_settings(cfg, SETTINGS)
+    if cfg.elastic:  # derived from the global batch, on each world size anew
+        current.pop("grad_accum")
     # --model and --dataset may name a local path: one named two ways is no change.
-    changes = changed_settings(recorded, record_settings(cfg, SETTINGS),
-                               paths=("model", "dataset"))
+    changes = changed_settings(recorded, current, paths=("model", "dataset"))
     refuse_unallowed(changes, cfg.allow_config_change, path)
     return changes
 
@@ -285,16 +342,17 @@ def check_resume_early(cfg: Config, run_dir: Path) -> None:
 
 
 def apply_setting_changes(changes: list[Change], cfg: Config, scheduler,
-                          recorded: dict, consumed: int) -> int:
+                          recorded: dict, cursor: int) -> int:
     """Make the accepted changes hold from the first resumed step, after the optimizer's and
-    scheduler's state were loaded; returns the micro-batches of the epoch already consumed.
+    scheduler's state were loaded; returns the sequences of the epoch already consumed.
 
     That state carries the checkpoint's lr and weight decay (scheduler.base_lrs, each
     group's initial_lr, lr and weight_decay): they are set from cfg, and the lr of the step
     about to run is recomputed with the schedule, which is built from cfg's warmup and max
     steps. A --batch-size or --seq-len change keeps the position in the epoch in tokens, not
-    micro-batches. The rest (data, model, the seed of the data order, precision, clipping,
-    accumulation) is built from cfg already."""
+    micro-batches (the caller turns sequences into micro-batches of the new size). The
+    rest (data, model, the seed of the data order, precision, clipping, accumulation) is
+    built from cfg already."""
     names = {name for name, _, _ in changes}
     if names & {"lr", "weight_decay", "warmup_steps", "max_steps"}:
         groups = scheduler.optimizer.param_groups
@@ -304,10 +362,9 @@ def apply_setting_changes(changes: list[Change], cfg: Config, scheduler,
             group["weight_decay"] = cfg.weight_decay
             group["lr"] = cfg.lr * schedule(scheduler.last_epoch)  # as LambdaLR.get_lr
         scheduler._last_lr = [group["lr"] for group in groups]
-    if names & {"batch_size", "seq_len"}:
-        consumed = (consumed * recorded["batch_size"] * recorded["seq_len"]
-                    // (cfg.batch_size * cfg.seq_len))
-    return consumed
+    if "seq_len" in names:
+        cursor = cursor * recorded["seq_len"] // cfg.seq_len
+    return cursor
 
 
 # ----------------------------------------------------------------------------- data
@@ -317,20 +374,28 @@ class ResumableSampler(torch.utils.data.Sampler):
     """This rank's micro-batches of one epoch, resumable at any micro-batch.
 
     The epoch's order is a permutation seeded by (seed, epoch) alone, so it does not depend
-    on the global RNG or on how often the run was interrupted. Global micro-batches of
-    batch_size * world_size indices are cut from it in order; rank r takes slice r.
-    ``set_epoch(epoch, start)`` skips ``start`` micro-batches without loading them.
+    on the global RNG, on the world size or on how often the run was interrupted. Global
+    micro-batches of batch_size * world_size indices are cut from it in order; rank r takes
+    slice r. So after c sequences of the epoch (the global cursor), the next optimizer step
+    takes the next global_batch of the order on any world size whose micro-batches divide
+    it. ``epoch_size`` (sequences) cuts the epoch: to whole global batches for --elastic,
+    so that every world size sees the same sequences in the same optimizer steps.
+    ``set_epoch(epoch, start)`` skips ``start`` micro-batches without loading them;
+    ``last`` holds the indices of the micro-batch yielded last.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 epoch_size: int | None = None):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch_size, rank, world_size, seed
+        self.epoch_size = n if epoch_size is None else epoch_size
         self.epoch, self.start = 0, 0
+        self.last: list[int] = []
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.n // (self.batch * self.world)
+        return self.epoch_size // (self.batch * self.world)
 
     def __iter__(self) -> Iterator[list[int]]:
         # A tensor, 8 B per sequence; only a micro-batch at a time becomes Python ints
@@ -339,7 +404,8 @@ class ResumableSampler(torch.utils.data.Sampler):
             self.seed * 100_003 + self.epoch))
         for k in range(self.start, len(self)):
             first = (k * self.world + self.rank) * self.batch
-            yield order[first : first + self.batch].tolist()
+            self.last = order[first : first + self.batch].tolist()
+            yield self.last
 
 
 def micro_batches(loader, sampler: ResumableSampler, epoch: int, start: int):
@@ -353,6 +419,35 @@ def micro_batches(loader, sampler: ResumableSampler, epoch: int, start: int):
 
 
 # ----------------------------------------------------------------------------- state
+
+
+def shard_model(model, device: torch.device, mixed_precision: str) -> None:
+    """FSDP2 (torch's fully_shard, which Accelerate's FSDP2 plugin also calls): one unit per
+    decoder layer, whose full weights exist only during its own forward and backward, then
+    the root (embeddings, final norm, head). Every rank holds 1/world of the weights, the
+    gradients and AdamW's moments. bf16 computes in bf16 and keeps the weights, the
+    gradient reduction and the optimizer state in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" else MixedPrecisionPolicy())
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
+    if not layers:
+        raise ConfigError(f"--fsdp: {type(model).__name__} names no decoder-layer class "
+                          "(_no_split_modules) to shard by; train it without --fsdp")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def sharded_state(model, optimizer) -> dict:
+    """This rank's shards of the model's and the optimizer's state (DTensors, the live
+    tensors, not copies), keyed as DCP saves and loads them."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def rng_state() -> dict:
@@ -381,6 +476,8 @@ def resume_needs(manifest: dict) -> list[str]:
         raise ValueError(f"meta has no integer {', '.join(absent)}")
     ext = state_file_ext(manifest)
     ranks = [f"rng-rank{rank}{ext}" for rank in range(manifest["world_size"])]
+    if meta.get("sharded"):  # --fsdp: every rank's shard of the model and optimizer
+        return [*sharded.files_of(manifest["world_size"]), f"scheduler{ext}", *ranks]
     return [f"model{ext}", f"optimizer{ext}", f"scheduler{ext}", *ranks]
 
 
@@ -508,6 +605,8 @@ def train(cfg: Config) -> int:
                     if packed.looks_preprocessed(cfg.dataset) else None)
     if preprocessed is None:
         dataset_files(cfg.dataset)  # a missing dataset is that, not a changed --dataset
+    # The global batch on this many processes (a world size that can't keep it is refused).
+    set_global_batch(cfg, int(os.environ.get("WORLD_SIZE") or 1))  # as accelerate sets it
     check_resume_early(cfg, run_dir)  # refused now, it costs nothing and touches nothing
     preflight_checkpoint_dir(run_dir)
     # One writer per run (a second launch, a zombie from a lost node): refused here, before
@@ -536,7 +635,11 @@ def train(cfg: Config) -> int:
     torch.use_deterministic_algorithms(True)
     set_seed(cfg.seed)
     world = accelerator.num_processes
-    global_batch = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step
+    global_batch = cfg.global_batch  # sequences per optimizer step: batch x accum x world
+    if cfg.fsdp and world == 1 and not torch.distributed.is_initialized():
+        # FSDP2 shards over a process group, even a group of one (python train/lm.py).
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
 
     events = EventLog(run_dir, enabled=main_process)
     preemption = Preemption(env.cloud, poll_interval_s=cfg.notice_poll_seconds or 5.0,
@@ -562,22 +665,31 @@ def train(cfg: Config) -> int:
         accelerator.wait_for_everyone()
         if accelerator.is_local_main_process:
             tokens.unlink(missing_ok=True)
+    # --elastic: the epoch is whole global batches, the same on every world size.
+    epoch_size = len(sequences) // global_batch * global_batch if cfg.elastic else None
     sampler = ResumableSampler(len(sequences), cfg.batch_size, accelerator.process_index, world,
-                               cfg.seed)
+                               cfg.seed, epoch_size)
     if len(sampler) < 1:
+        needs = (f"one optimizer step needs {global_batch}" if cfg.elastic
+                 else f"one micro-step needs {cfg.batch_size * world}")
         raise ConfigError(f"--dataset {cfg.dataset} gives {len(sequences)} blocks of "
-                          f"{cfg.seq_len} tokens; one micro-step needs {cfg.batch_size * world}")
+                          f"{cfg.seq_len} tokens; {needs}")
     # A generator of its own keeps the DataLoader from drawing its base seed from the
     # global RNG, which a resume restores and an uninterrupted run does not re-draw.
     loader = torch.utils.data.DataLoader(sequences, batch_sampler=sampler,
                                          collate_fn=packed.batch_as_is,
                                          generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.fsdp:
+        shard_model(model, accelerator.device, cfg.mixed_precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Not passed to prepare(): Accelerate's scheduler wrapper steps once per process, which
     # would make the schedule depend on the world size.
     scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps,
                                                              cfg.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not cfg.fsdp:
+        # DDP. (FSDP is not prepared: Accelerate's FSDP plugin is not used on CPU, where
+        # accelerate runs gloo ranks as MULTI_CPU and would wrap the model in DDP again.)
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     def on_commit(saved: Committed) -> None:
         # How far the bucket lags what this node wrote (MOUNT_CACHED uploads after close).
@@ -612,16 +724,33 @@ def train(cfg: Config) -> int:
                         "--seq-len and the rest could not be checked against it", resume.path)
         ext = state_file_ext(resume.manifest)
         try:
-            accelerator.unwrap_model(model).load_state_dict(resume.load(f"model{ext}"))
+            if cfg.fsdp:  # every rank reads the chunks its shard needs, from any world size
+                state = sharded_state(model, optimizer)
+                sharded.load_into(state, resume)
+                set_state_dict(model, optimizer, model_state_dict=state["model"],
+                               optim_state_dict=state["optimizer"])
+            else:
+                accelerator.unwrap_model(model).load_state_dict(resume.load(f"model{ext}"))
         except RuntimeError as err:  # another architecture (an allowed --model change)
             details = " ".join(str(err).split())[:300]
             raise CheckpointError(f"checkpoint {resume.path}: its weights do not fit --model "
                                   f"{cfg.model}: {details}") from err
-        optimizer.load_state_dict(resume.load(f"optimizer{ext}"))
+        if not cfg.fsdp:
+            optimizer.load_state_dict(resume.load(f"optimizer{ext}"))
         scheduler.load_state_dict(resume.load(f"scheduler{ext}"))
         step, epoch, consumed, tokens = (meta[k] for k in ("step", "epoch", "consumed", "tokens"))
+        # The position in the epoch in sequences (global), as written; a checkpoint from
+        # before the cursor was recorded has micro-batches of its own world size.
+        saved_world = resume.manifest["world_size"]
+        cursor = meta.get("cursor", consumed * meta.get("batch_size", cfg.batch_size)
+                          * saved_world)
         if changes:
-            consumed = apply_setting_changes(changes, cfg, scheduler, meta["config"], consumed)
+            cursor = apply_setting_changes(changes, cfg, scheduler, meta["config"], cursor)
+        consumed = cursor // (cfg.batch_size * world)  # micro-batches of this world size
+        if saved_world != world:
+            log.info("elastic resume: world size %d -> %d, global batch %d kept (grad-accum "
+                     "%d), from sequence %d of epoch %d", saved_world, world, global_batch,
+                     cfg.grad_accum, cursor, epoch)
         for change in changes or []:
             events.emit("config_change", name=change.name, old=change.old, new=change.new,
                         step=step)
@@ -630,18 +759,22 @@ def train(cfg: Config) -> int:
     if resume is not None:
         # After building the stream: nothing between here and the first batch may draw
         # from the global RNG that an uninterrupted run would not draw from.
-        set_rng_state(resume.load(f"rng-rank{accelerator.process_index}{ext}"))
-        events.emit("resumed", step=step, path=str(resume.path),
+        if accelerator.process_index < saved_world:  # a rank new to the run keeps set_seed's
+            set_rng_state(resume.load(f"rng-rank{accelerator.process_index}{ext}"))
+        events.emit("resumed", step=step, path=str(resume.path), from_world_size=saved_world,
                     lr=optimizer.param_groups[0]["lr"])  # the lr of the next step
         log.info("resumed from %s (step %d)", resume.path, step)
     events.emit("start", run_name=run_name, world_size=world, step=step,
-                global_batch=global_batch, pid=os.getpid())
+                global_batch=global_batch, grad_accum=cfg.grad_accum, pid=os.getpid())
 
     def save(at_step: int, final: bool) -> None:
         files = {f"rng-rank{accelerator.process_index}.safetensors": rng_state()}
-        if main_process:
+        if cfg.fsdp:  # each rank its own shard (collective), no gather
+            files.update(sharded.save_files(sharded_state(model, optimizer)))
+        elif main_process:
             files["model.safetensors"] = model_state()
             files["optimizer.safetensors"] = optimizer.state_dict()
+        if main_process:
             files["scheduler.safetensors"] = scheduler.state_dict()
         events.flush()  # everything up to this save reaches the bucket before its manifest
         # An async save copies the weights and the optimizer's moments on its thread while
@@ -650,7 +783,10 @@ def train(cfg: Config) -> int:
         # RNG's state are small and are taken here, now.
         abandoned = checkpointer.save(at_step, files, final=final, meta={
             "step": at_step, "epoch": epoch, "consumed": consumed, "tokens": tokens,
-            "global_batch": global_batch, "seed": cfg.seed, "run_name": run_name,
+            # the position in the epoch in sequences, on any world size (--elastic)
+            "cursor": consumed * cfg.batch_size * world, "batch_size": cfg.batch_size,
+            "global_batch": global_batch, "grad_accum": cfg.grad_accum, "sharded": cfg.fsdp,
+            "seed": cfg.seed, "run_name": run_name,
             "config": record_settings(cfg, SETTINGS)})
         if abandoned is not None:
             events.emit("checkpoint_abandoned", step=abandoned, for_step=at_step)
@@ -675,6 +811,10 @@ def train(cfg: Config) -> int:
     faults = nan_faults(accelerator.process_index)
     weight_faults = nan_weight_faults()
     running_loss = torch.zeros((), device=accelerator.device)
+    trace = None
+    if os.environ.get(TRACE_SAMPLES_ENV):
+        trace = open(Path(os.environ[TRACE_SAMPLES_ENV]) /  # noqa: SIM115 (lives as the run)
+                     f"rank{accelerator.process_index}-{os.getpid()}.jsonl", "a")
     progress = None
     if main_process and sys.stderr.isatty():
         from tqdm import tqdm
@@ -726,10 +866,16 @@ def train(cfg: Config) -> int:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             epoch, consumed, batch = next(stream)
+            if trace is not None:  # TRACE_SAMPLES_ENV: tests only
+                print(json.dumps({"step": step + 1, "epoch": epoch, "ids": sampler.last}),
+                      file=trace, flush=True)
             batch = batch.to(accelerator.device)
-            # Gradients are all-reduced only on the last micro-step of an optimizer step.
+            # Gradients are all-reduced (reduce-scattered with --fsdp) only on the last
+            # micro-step of an optimizer step.
             sync = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or cfg.fsdp else accelerator.no_sync(model):
                 loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum
                 if micro == 0 and faults.get(step + 1):  # NAN_AT_STEP_ENV: tests only
                     faults[step + 1] -= 1
@@ -737,6 +883,8 @@ def train(cfg: Config) -> int:
                 accelerator.backward(loss)
             step_loss += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if isinstance(grad_norm, DTensor):  # --fsdp: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         # Before optimizer.step() could write nan/inf into the weights, with one verdict on
         # every rank: a small all-reduce, and this optimizer step's one host sync.
         nonfinite = nonfinite_at_step(accelerator, step_loss, grad_norm, check_grad)
@@ -746,7 +894,9 @@ def train(cfg: Config) -> int:
             optimizer.step()
             if step + 1 in weight_faults:  # NAN_WEIGHTS_AT_STEP_ENV: tests only
                 with torch.no_grad():
-                    next(model.parameters()).view(-1)[0] = float("nan")
+                    first = next(model.parameters())
+                    first = first.to_local() if isinstance(first, DTensor) else first
+                    first.view(-1)[0] = float("nan")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -846,6 +996,11 @@ def train(cfg: Config) -> int:
         progress.close()
     output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "final"
     accelerator.wait_for_everyone()
+    # The whole model on rank 0 (in host memory), in the Hugging Face layout. With --fsdp
+    # every rank takes part in the gather.
+    final_state = (get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True)) if cfg.fsdp
+        else accelerator.get_state_dict(model) if main_process else None)
     if main_process:
         # Finite: the last save checked it. A failure below leaves a previous model in
         # output_dir whole and no partial file under a final name (publish).
@@ -854,8 +1009,7 @@ def train(cfg: Config) -> int:
                                           "model is staged"):
                 try:
                     accelerator.unwrap_model(model).save_pretrained(
-                        staging, state_dict=accelerator.get_state_dict(model),
-                        safe_serialization=True)
+                        staging, state_dict=final_state, safe_serialization=True)
                     tokenizer.save_pretrained(staging)
                 except Exception as err:  # SafetensorError: the OS error is in its message
                     if (os_error := wrapped_os_error(err, Path(staging))) is None:
