@@ -14,7 +14,16 @@ What it guarantees:
   step, commit, and exit 143 (skyspot.launch passes that through the launcher).
 - Resume is bit-exact: with the same seed and world size, any number of interruptions
   (SIGTERM, or SIGKILL at any instant) ends with the same model.safetensors as an
-  uninterrupted run on CPU.
+  uninterrupted run on CPU, with and without --fsdp.
+- --fsdp shards the weights, gradients and optimizer state (FSDP2). Every rank writes its
+  own shard file of each checkpoint (skyspot.sharded); rank 0's manifest, written last,
+  lists all of them, and a checkpoint with a torn shard on any rank is skipped by every
+  rank. Only the final model is gathered (on rank 0, in the Hugging Face layout).
+- --elastic --global-batch N resumes onto another number of processes: the state is
+  resharded, grad-accum becomes N / (batch size x processes) (refused in one line when it
+  does not divide), and the data goes on from the same global sample, so each optimizer
+  step takes the same sequences as on the old world size and every sequence is seen once
+  per epoch. Not bit-exact across the change (gradients are summed in another order).
 - A nan/inf loss or gradient norm is caught before the optimizer step, on every rank alike:
   the step is skipped (--skip-nonfinite-steps) or the run stops with one line and exit 3.
   No checkpoint and no final model ever holds nan/inf.
