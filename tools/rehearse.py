@@ -90,8 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set a secret; K alone takes $K from the caller's environment")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="rehearsal directory (default runs/rehearse-<recipe>-<time>/)")
-    parser.add_argument("--gpus-per-node", type=int, metavar="N",
-                        help="SKYPILOT_NUM_GPUS_PER_NODE (default: the recipe's accelerators)")
+    gpus = parser.add_mutually_exclusive_group()
+    gpus.add_argument("--gpus-per-node", type=int, metavar="N",
+                      help="SKYPILOT_NUM_GPUS_PER_NODE (default: the recipe's accelerators)")
+    gpus.add_argument("--gpus-per-attempt", metavar="N,N,...",
+                      help="GPUs per node of each attempt in turn (SKYPILOT_NUM_GPUS_PER_NODE "
+                      "of its nodes), as if each recovery landed on a candidate with that "
+                      "many GPUs; the last value repeats, e.g. 2,1,2 (real SkyPilot picks the "
+                      "candidate by price: this forces what a recovery may or may not do); "
+                      "not with --gpus-per-node")
     parser.add_argument("--preempt-at", default="", metavar="ITEMS",
                         help="comma list of faults, one per attempt, in order: <seconds>s, "
                         "step:<N> or ckpt:<N>, each optionally :term, :kill, :proc or :notice "
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_attempts < 1 or args.grace < 0 or (args.gpus_per_node or 0) < 0:
             raise BadInput("--max-attempts must be >= 1, --grace and --gpus-per-node >= 0")
+        gpus_per_attempt = (parse_gpus_per_attempt(args.gpus_per_attempt)
+                            if args.gpus_per_attempt is not None else None)
         if args.preempt_every is not None and args.preempt_every <= 0:
             raise BadInput("--preempt-every must be > 0")
         if args.notice_lead < 0:
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     buckets.host = host
     pid_namespace = isolation != "none"
     gpus_per_node = args.gpus_per_node if args.gpus_per_node is not None \
-        else recipe.gpus_per_node
+        else gpus_per_attempt[0] if gpus_per_attempt else recipe.gpus_per_node
     first_id = random.randint(1, 99999)
     cpu_only = not cuda_available()
     rehearsals, servers = [], []
@@ -253,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=prefix,
             job_rank=rank,
             num_jobs=args.pool_jobs,
+            gpus_per_attempt=gpus_per_attempt,
         )
         rehearsal = Rehearsal(job, args, pid_namespace, metadata)
         rehearsal.plans = [f for f in rehearsal.plans if f.job in (None, rank)]
@@ -261,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = (f"{args.pool_jobs} jobs of pool {pool_name} ({pool_workers} workers), managed job "
             f"ids {first_id}-{first_id + args.pool_jobs - 1}, " if args.pool_jobs > 1 or
             args.pool else f"managed job id {job.job_id}, ")
-    print(f"rehearse: {recipe.path} -> {workdir} ({jobs}{recipe.num_nodes} node(s), "
-          f"{job.gpus_per_node} GPU(s) each)", flush=True)
-    fidelity = fidelity_lines(recipe, run_setup=args.run_setup, gpus_per_node=job.gpus_per_node)
+    each = (f"{','.join(map(str, gpus_per_attempt))} GPU(s) each by attempt"
+            if gpus_per_attempt else f"{job.gpus_per_node} GPU(s) each")
+    print(f"rehearse: {recipe.path} -> {workdir} ({jobs}{recipe.num_nodes} node(s), {each})",
+          flush=True)
+    fidelity = fidelity_lines(recipe, run_setup=args.run_setup, gpus_per_node=job.gpus_per_node,
+                              gpus_per_attempt=gpus_per_attempt)
     if isolation == "vm" and args.run_setup and recipe.setup:
         fidelity.append("rehearse: fidelity: warning: the nodes reach nothing beyond their "
                         "bridge (no internet, no DNS): a setup: that downloads fails here, "
@@ -342,6 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     if "INTERRUPTED" in statuses:
         return 130
     return 0 if summary["ok"] else 1
+
+
+def parse_gpus_per_attempt(text: str) -> list[int]:
+    """--gpus-per-attempt "2,1,2" -> [2, 1, 2]: whole numbers >= 1 (BadInput otherwise)."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip():
+        raise BadInput("--gpus-per-attempt is empty: expected GPUs per node of each attempt, "
+                       "comma-separated, like 2,1,2")
+    for item in items:
+        if not re.fullmatch(r"[0-9]+", item) or int(item) < 1:
+            raise BadInput(f"--gpus-per-attempt {text!r}: {item!r} is not a whole number of "
+                           "GPUs >= 1 (expected e.g. 2,1,2)")
+    return [int(item) for item in items]
 
 
 def describe_storage(job: Job) -> None:

@@ -56,6 +56,14 @@ What it emulates, and where it deliberately differs from a real managed job:
   does) restarts without counting if ANY node's exit code is in ``recover_on_exit_codes``,
   otherwise it bumps a counter and restarts while the counter <= ``max_restarts_on_errors``.
   A failing ``setup`` (FAILED_SETUP) goes through the same accounting.
+* GPUs per node: one count for the whole rehearsal (``--gpus-per-node``, default the
+  ``--candidate``'s), or, with ``--gpus-per-attempt 2,1,2``, attempt 1's nodes get 2, attempt
+  2's 1, attempt 3's and every later one's 2 (``SKYPILOT_NUM_GPUS_PER_NODE``, and
+  ``SKYPILOT_SETUP_NUM_GPUS_PER_NODE`` for ``setup:``), as if each recovery landed on an
+  ``any_of`` candidate with that many GPUs: the recipe's one-process-per-GPU launch then
+  starts another world size. A real recovery's candidate is SkyPilot's choice (by price and
+  capacity): this forces what a real recovery may or may not do, and a fidelity line says so,
+  which attempt gets which count, and which of the counts no candidate has.
 * ``SKYPILOT_TASK_ID`` embeds the jobs controller's start time. It changes on every
   ``--controller-restart-every``-th restart, like a controller restart does; a trainer that keys
   its run name on it starts from scratch and the rehearsal fails with a REGRESSION.
@@ -120,7 +128,7 @@ optimizer steps, null where unknown):
     splits         ["SPLIT: ...", ...]: an attempt whose nodes did not form one world: a start
                    event in a node other than 0's events file (skyspot trainers emit from
                    global rank 0 only), or a world_size other than num_nodes x GPUs per node
-                   (SKYPILOT_NUM_GPUS_PER_NODE, 0 counted as 1)
+                   (the attempt's SKYPILOT_NUM_GPUS_PER_NODE, 0 counted as 1)
     inconsistencies  ["INCONSISTENT: ...", ...]: a next attempt resumed beyond the last step
                    the previous one reported; its steps_lost is null (never negative)
     skyspot_events whether node 0 wrote any start/step/checkpoint event; false: the resume
@@ -148,6 +156,8 @@ optimizer steps, null where unknown):
                                    mount caches held that the bucket did not, read just
                                    before the loss; null if that could not be read),
                                    teardown (nodes torn down after the struck ones)}
+                     gpus_per_node  SKYPILOT_NUM_GPUS_PER_NODE of this attempt's nodes
+                                   (--gpus-per-attempt, --gpus-per-node or the candidate's)
                      decision, preempt_plan, exit_codes (per node), run_name,
                      resumed_from, resumed_path, resumed_key (bucket/key of resumed_path),
                      preemption_reason (the trainer's), last_step, first_step_at,

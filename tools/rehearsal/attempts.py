@@ -71,6 +71,8 @@ class Attempt:
     fault: dict | None = None
     decision: str = ""  # what the controller did next
     preempt_plan: str | None = None
+    # SKYPILOT_NUM_GPUS_PER_NODE this attempt's nodes got (--gpus-per-attempt varies it)
+    gpus_per_node: int | None = None
     exit_codes: list[int] = field(default_factory=list)
     run_name: str | None = None
     resumed_from: int | None = None  # step it started at (0 when fresh); None if unknown

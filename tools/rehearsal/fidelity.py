@@ -8,7 +8,9 @@ without one of these lines saying so:
 * resources: which candidate is rehearsed (``--candidate N``, 0-based, in the YAML's order)
   out of the ``any_of`` / ``ordered`` candidates, each listed; when the candidates differ in
   GPUs per node, that a recovery may land on one with another world size, and which counts;
-  a ``--gpus-per-node`` that differs from the candidate's;
+  a ``--gpus-per-node`` that differs from the candidate's; with ``--gpus-per-attempt``,
+  which attempt gets which count, which of the counts no candidate has, and that a real
+  recovery's candidate is SkyPilot's choice (by price and capacity), not forced;
 * setup: run before each attempt (``--run-setup``) or skipped;
 * every file_mounts entry whose source is a bucket elsewhere (``source: s3://...``,
   ``/data: gs://...``): seeded from a local directory (``--bucket-source NAME=DIR``) or
@@ -165,12 +167,15 @@ def never_set(recipe: Recipe, phase: str) -> list[str]:
 
 
 def fidelity_lines(recipe: Recipe, *, run_setup: bool, gpus_per_node: int | None = None,
+                   gpus_per_attempt: list[int] | None = None,
                    environ: Mapping[str, str] | None = None) -> list[str]:
     """The fidelity list for this recipe and these options (see the module docstring).
     gpus_per_node: SKYPILOT_NUM_GPUS_PER_NODE the nodes get (--gpus-per-node or the
-    candidate's); environ: the caller's environment (default os.environ)."""
+    candidate's); gpus_per_attempt: --gpus-per-attempt's counts (attempt 1, 2, ...; the
+    last repeats), in place of gpus_per_node; environ: the caller's environment (default
+    os.environ)."""
     environ = os.environ if environ is None else environ
-    lines = _resources(recipe, gpus_per_node)
+    lines = _resources(recipe, gpus_per_node, gpus_per_attempt)
     if recipe.setup:
         lines.append(PREFIX + ("setup: runs on every node before each attempt, as on every "
                                "fresh VM (--run-setup)" if run_setup
@@ -191,10 +196,11 @@ def fidelity_lines(recipe: Recipe, *, run_setup: bool, gpus_per_node: int | None
     return lines
 
 
-def _resources(recipe: Recipe, gpus_per_node: int | None) -> list[str]:
+def _resources(recipe: Recipe, gpus_per_node: int | None,
+               gpus_per_attempt: list[int] | None = None) -> list[str]:
     candidates, index = recipe.candidates, recipe.candidate
     if not candidates:
-        return []
+        return _per_attempt(gpus_per_attempt, [])
     chosen = candidates[index]
     if len(candidates) == 1:
         lines = [PREFIX + f"resources: {chosen.describe()}"]
@@ -207,12 +213,36 @@ def _resources(recipe: Recipe, gpus_per_node: int | None) -> list[str]:
             lines.append(WARNING + "the candidates differ in GPUs per node ("
                          + ", ".join(f"[{i}] {c.gpus}" for i, c in enumerate(candidates))
                          + "): a recovery may land on another candidate, with a different "
-                         f"world size; this rehearsal keeps [{index}]'s {chosen.gpus} "
-                         "throughout")
+                         "world size; " + (
+                             "this rehearsal changes it as --gpus-per-attempt says (below)"
+                             if gpus_per_attempt else
+                             f"this rehearsal keeps [{index}]'s {chosen.gpus} throughout"))
+    if gpus_per_attempt:
+        return lines + _per_attempt(gpus_per_attempt, [c.gpus for c in candidates])
     if gpus_per_node is not None and gpus_per_node != chosen.gpus:
         lines.append(PREFIX + f"SKYPILOT_NUM_GPUS_PER_NODE={gpus_per_node} (--gpus-per-node), "
                      f"not candidate [{index}]'s {chosen.gpus}")
     return lines
+
+
+def _per_attempt(counts: list[int] | None, candidate_gpus: list[int]) -> list[str]:
+    """The --gpus-per-attempt line: which attempt gets which count, and that it is forced."""
+    if not counts:
+        return []
+    each = [f"attempt {i} gets {n}" for i, n in enumerate(counts[:-1], start=1)]
+    last = len(counts)
+    each.append(f"attempt {last} and every later one {counts[-1]}" if last > 1
+                else f"every attempt gets {counts[-1]}")
+    line = (WARNING + "SKYPILOT_NUM_GPUS_PER_NODE per attempt (--gpus-per-attempt "
+            + ",".join(map(str, counts)) + "): " + ", ".join(each)
+            + ", as if each recovery landed on a candidate with that many GPUs per node; on a "
+            "real cloud SkyPilot picks the candidate of every (re)launch by price and "
+            "capacity, so a real recovery may or may not change the count like this")
+    missing = sorted(set(counts) - set(candidate_gpus))
+    if candidate_gpus and missing:
+        line += (f"; no candidate has {' or '.join(map(str, missing))} GPU(s) per node "
+                 f"(the recipe's: {', '.join(map(str, sorted(set(candidate_gpus))))})")
+    return [line]
 
 
 def _buckets(recipe: Recipe) -> list[str]:

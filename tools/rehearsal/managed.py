@@ -89,13 +89,18 @@ class Rehearsal:
             plan = self.next_plan()
             attempt = Attempt(len(self.attempts) + 1, self.job.task_id, time.time())
             attempt.preempt_plan = plan.describe() if plan else None
+            # A recovery onto another candidate: this attempt's nodes get its GPU count.
+            self.job.gpus_per_node = attempt.gpus_per_node = \
+                self.job.gpus_for_attempt(attempt.index)
             self.attempts.append(attempt)
             fresh = self.job.buckets.ensure_mounted()
             if fresh and attempt.index > 1:
                 self.say(f"attempt {attempt.index}: fresh bucket mounts (empty caches) on "
                          f"node(s) {','.join(map(str, fresh))}")
+            gpus = (f" with {attempt.gpus_per_node} GPU(s) each (--gpus-per-attempt)"
+                    if self.job.gpus_per_attempt else "")
             self.say(
-                f"attempt {attempt.index}: launching {self.job.recipe.num_nodes} node(s)"
+                f"attempt {attempt.index}: launching {self.job.recipe.num_nodes} node(s){gpus}"
                 + (f", fault at {plan.describe()}" if plan else "")
             )
             result = None

@@ -109,6 +109,15 @@ class Job:
     prefix: str = ""  # "job<J>-" for a job of a pool: its node dirs, events files, hostnames
     job_rank: int = 0  # SKYPILOT_JOB_RANK: a pool's job index, 0 for a plain managed job
     num_jobs: int = 1  # SKYPILOT_NUM_JOBS
+    # --gpus-per-attempt: GPUs per node of attempt 1, 2, ...; the last repeats. None: every
+    # attempt gets gpus_per_node. Rehearsal.run sets gpus_per_node from it per attempt.
+    gpus_per_attempt: list[int] | None = None
+
+    def gpus_for_attempt(self, index: int) -> int:
+        """SKYPILOT_NUM_GPUS_PER_NODE of attempt ``index`` (from 1)."""
+        if not self.gpus_per_attempt:
+            return self.gpus_per_node
+        return self.gpus_per_attempt[min(index, len(self.gpus_per_attempt)) - 1]
 
     @property
     def task_id(self) -> str:

@@ -74,14 +74,14 @@ def find_problems(attempts: list[Attempt], backend: str) -> tuple[list[str], lis
 def find_splits(attempts: list[Attempt], num_nodes: int, gpus_per_node: int) -> list[str]:
     """SPLIT lines: skyspot trainers emit events from global rank 0 only, so a start event
     on a node other than 0, or one whose world_size is not num_nodes x GPUs per node (0 GPUs
-    count as one process), means the nodes did not form one world: each trained on its own."""
-    per_node = max(1, gpus_per_node or 0)
-    expected = num_nodes * per_node
-    shape = (f"{num_nodes} node{'s' if num_nodes != 1 else ''} × "
-             + (f"{gpus_per_node} GPU{'s' if gpus_per_node != 1 else ''}" if gpus_per_node
-                else "1 process, no GPUs"))
+    count as one process), means the nodes did not form one world: each trained on its own.
+    An attempt's own gpus_per_node (--gpus-per-attempt) comes before the job's."""
     lines = []
     for a in attempts:
+        gpus = a.gpus_per_node if a.gpus_per_node is not None else gpus_per_node
+        expected = num_nodes * max(1, gpus or 0)
+        shape = (f"{num_nodes} node{'s' if num_nodes != 1 else ''} × "
+                 + (f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "1 process, no GPUs"))
         nodes = sorted({s["node"] for s in a.starts})
         sizes = sorted({s["world_size"] for s in a.starts if s["world_size"] is not None})
         if not nodes or (nodes == [0] and all(size == expected for size in sizes)):
@@ -225,6 +225,10 @@ def print_summary(summary: dict, t0: float) -> None:
 
     skyspot = summary.get("skyspot_events", True)
     header = ("#", "start", "end", "ended", "exit codes")
+    # A GPUs column only when the attempts had different counts (--gpus-per-attempt).
+    gpus = len({a.get("gpus_per_node") for a in summary["attempts"]}) > 1
+    if gpus:
+        header += ("GPUs",)
     if skyspot:
         header += ("resumed", "in bucket", "last", "lost", "1st step", "ckpts", "max lag")
     rows = [header]
@@ -244,6 +248,8 @@ def print_summary(summary: dict, t0: float) -> None:
             ending,
             ",".join(map(str, a["exit_codes"])) or "-",
         )
+        if gpus:
+            row += (fmt(a.get("gpus_per_node")),)
         if skyspot:
             lags = [c["lag_steps"] for c in a["checkpoints"] if c.get("lag_steps") is not None]
             row += (
