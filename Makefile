@@ -14,7 +14,7 @@ DEMO_DIR    ?= runs/demo
 # FUSE=no skips the install, e.g. `make setup FUSE=no`.
 FUSE        ?= yes
 
-.PHONY: setup demo demo-embed test lint bench-lag bench-data bench-infer bench-ckpt clean
+.PHONY: setup demo demo-embed test lint bench-lag bench-data bench-infer bench-ckpt bench-ckpt-sharded clean
 
 # What every target needs. $(VENV)/.fuse marks that the fuse3 step ran for this .venv, so
 # `make test` and `make demo` change system packages at most once, on first use; an explicit
@@ -92,6 +92,12 @@ bench-infer: $(READY)
 # with async saves (~6 min on 2 cores).
 bench-ckpt: $(READY)
 	$(BIN)/python tools/bench_ckpt.py --workdir runs/bench-ckpt
+
+# Sharded checkpoints on 2 ranks (gloo, the same 110M model + AdamW): sync-save stall of
+# FSDP shards through skyspot.sharded vs rank 0 writing it all, and resume through
+# resume_point + DCP vs a plain DCP load, cold page cache (~3 min on 2 cores).
+bench-ckpt-sharded: $(READY)
+	$(BIN)/python tools/bench_ckpt_sharded.py --workdir runs/bench-ckpt-sharded
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
