@@ -6,7 +6,8 @@
 - A shard of rank 1 alone that is torn (its size right, one byte wrong: only rank 1 reads
   it) makes that checkpoint invalid on every rank: the run resumes from the one before and
   still ends bit-identical.
-- --elastic: 2 ranks -> SIGKILL -> 1 rank -> SIGKILL -> 2 ranks. Every sample id is
+- --elastic, with --fsdp (DCP reshards) and without (every rank loads the whole state):
+  2 ranks -> SIGKILL -> 1 rank -> SIGKILL -> 2 ranks. Every sample id is
   consumed exactly once per epoch, counted from the trainer's instrumented data path
   (TRACE_SAMPLES_ENV), each optimizer step takes the same sample ids as in the
   uninterrupted 2-rank run, the global batch is the same in every attempt, and the loss at
@@ -194,13 +195,14 @@ def _history(root: Path, attempts: int, max_steps: int) -> dict[int, tuple[int, 
     return {step: (min(epochs), sorted(ids)) for step, (epochs, ids) in sorted(steps.items())}
 
 
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
 def test_elastic_2_then_1_then_2_ranks_sees_every_sample_once_per_epoch(
-        tiny_assets, small_data, tmp_path):
+        tiny_assets, small_data, tmp_path, fsdp):
     base_root, run_root = tmp_path / "uninterrupted", tmp_path / "elastic"
     for root, attempts in ((base_root, 1), (run_root, 3)):
         for attempt in range(attempts):
             (root / f"trace-{attempt}").mkdir(parents=True)
-    flags = dict(ELASTIC, dataset=small_data)
+    flags = dict(ELASTIC, dataset=small_data, fsdp=fsdp)
     base_events = _finish(tiny_assets, base_root, 2, 0, base_root / "trace-0", **flags)
 
     _kill_at(tiny_assets, run_root, 2, 0, 8, run_root / "trace-0", **flags)

@@ -260,12 +260,11 @@ def _flag(name: str) -> str:
 
 
 def set_global_batch(cfg: Config, world: int) -> None:
-    """Make cfg.global_batch and cfg.grad_accum the run's on ``world`` processes: with
-    --global-batch, grad-accum = global batch / (batch size x world), refused in one line
-    naming what would divide evenly when it does not (never rounded: that would change the
-    global batch silently)."""
+    """With --global-batch, make cfg.grad_accum the run's on ``world`` processes: global
+    batch / (batch size x world), refused in one line naming what would divide evenly when
+    it does not (never rounded: that would change the global batch silently). Without it,
+    the global batch is batch size x grad-accum x world, as given."""
     if not cfg.global_batch:
-        cfg.global_batch = cfg.batch_size * cfg.grad_accum * world
         return
     per_micro_step = cfg.batch_size * world
     if cfg.global_batch % per_micro_step:
@@ -297,15 +296,15 @@ def check_resume(cfg: Config, path: Path, step: int, manifest: dict, world: int,
     unless the run is --elastic from its first launch, sharded state without --fsdp (or
     the reverse), or a setting that differs from the one it recorded and
     --allow-config-change does not name (SettingsChanged). One line each. ``cfg`` holds
-    the global batch and grad-accum for ``world`` (set_global_batch). Returns the accepted
-    changes, or None for a checkpoint written before settings were recorded (only the
-    global batch is checked)."""
+    grad-accum for ``world`` (set_global_batch). Returns the accepted changes, or None for
+    a checkpoint written before settings were recorded (only the global batch is
+    checked)."""
     meta = manifest.get("meta") or {}
     if cfg.max_steps < step:
         raise ConfigError(f"--max-steps {cfg.max_steps} is below step {step} of checkpoint "
                           f"{path}, which this run resumes from; pass --max-steps {step} or "
                           "more, or use a new --run-name")
-    global_batch = cfg.global_batch
+    global_batch = cfg.batch_size * cfg.grad_accum * world
     recorded = meta.get("config")
     if manifest["world_size"] != world and not (
             cfg.elastic and isinstance(recorded, dict) and recorded.get("elastic")):
@@ -644,7 +643,7 @@ def train(cfg: Config) -> int:
     torch.use_deterministic_algorithms(True)
     set_seed(cfg.seed)
     world = accelerator.num_processes
-    global_batch = cfg.global_batch  # sequences per optimizer step: batch x accum x world
+    global_batch = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step
     if cfg.fsdp and world == 1 and not torch.distributed.is_initialized():
         # FSDP2 shards over a process group, even a group of one (python train/lm.py).
         torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
