@@ -218,10 +218,10 @@ def plan(a: argparse.Namespace, progress=None) -> dict:
         if not uptimes:
             raise BadInput(f"{a.trace}: spot is never available for {nodes} node(s)")
         mtbf, median_up = statistics.fmean(uptimes), statistics.median(uptimes)
-        rate = 1.0 / mtbf
+        rate = 1.0 / mtbf if math.isfinite(mtbf) else 0.0
     young = iv.young(c_h, mtbf) if math.isfinite(mtbf) else math.inf
     daly = iv.daly(c_h, mtbf) if math.isfinite(mtbf) else math.inf
-    from_trace = (None if isinstance(model, PoissonModel)
+    from_trace = (None if isinstance(model, PoissonModel) or not math.isfinite(mtbf)
                   else iv.best_interval_for_uptimes(uptimes, c_h, launch_h))
     if a.interval_minutes is not None:
         tau, tau_from = a.interval_minutes / 60.0, "given"
@@ -371,8 +371,10 @@ def print_text(r: dict) -> None:
         f"d + R = {_h(job['launch_h'])}"
         + (f"; deadline {job['deadline_h']:g} h" if job["deadline_h"] else ""))
     pre = r["preemptions"]
-    out(f"  preemptions: {pre['model']}; the job's nodes last {_h(pre['mtbf_h'])} on average "
-        f"(median {_h(pre['median_uptime_h'])})")
+    lasts = (f"the job's nodes last {_h(pre['mtbf_h'])} on average (median "
+             f"{_h(pre['median_uptime_h'])})" if pre["mtbf_h"] is not None
+             else "the job's nodes are never preempted")
+    out(f"  preemptions: {pre['model']}; {lasts}")
     i = r["interval"]
 
     def with_steps(minutes, n):
@@ -390,10 +392,13 @@ def print_text(r: dict) -> None:
     lost = r["lost_per_preemption"]
     expected = (f"{_h(lost['work_h_expected'])} expected (Poisson), "
                 if lost["work_h_expected"] is not None else "")
-    simulated = (f"{_h(lost['work_h_simulated'])} simulated"
-                 if lost["work_h_simulated"] is not None else "no preemption simulated")
-    out(f"lost per preemption: {expected}{simulated} of work, then {_h(lost['relaunch_h'])} "
-        f"to relaunch")
+    if lost["work_h_simulated"] is None and not expected:
+        out("lost per preemption: none in the simulation")
+    else:
+        simulated = (f"{_h(lost['work_h_simulated'])} simulated"
+                     if lost["work_h_simulated"] is not None else "none simulated")
+        out(f"lost per preemption: {expected}{simulated} of work, then "
+            f"{_h(lost['relaunch_h'])} to relaunch")
     mc = r["monte_carlo"]
     start = ("random offsets" if mc["offset_h"] is None else f"hour {mc['offset_h']:g}")
     how = "Poisson" if pre["kind"] == "poisson" else f"trace replayed from {start}"

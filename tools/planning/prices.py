@@ -109,8 +109,10 @@ def load_prices(csv_path: Path | None = None) -> PriceTable:
     return PriceTable(tuple(_read_csv(SAMPLE_CSV)), _label(SAMPLE_CSV))
 
 
-def cached_catalogs(root: Path = CATALOG_ROOT) -> list[Path]:
-    """vms.csv of each cloud in the newest catalog version cached under `root`."""
+def cached_catalogs(root: Path | None = None) -> list[Path]:
+    """vms.csv of each cloud in the newest catalog version cached under `root`
+    (default ``~/.sky/catalogs``)."""
+    root = CATALOG_ROOT if root is None else root
     versions = sorted((p for p in root.glob("v*") if p.name[1:].isdigit()),
                       key=lambda p: int(p.name[1:]))
     if not versions:

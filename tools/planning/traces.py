@@ -38,7 +38,7 @@ import random
 import statistics
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import pairwise
+from itertools import groupby, pairwise
 from pathlib import Path
 from typing import Protocol
 
@@ -223,6 +223,14 @@ class _EventLogMarket:
             return u >= self.ends_at
         return False
 
+    def hours_until_lost(self, cap_h: float) -> float:
+        """From a launch at run hour 0: hours until our nodes go (following them across
+        wraps of the log), at most cap_h."""
+        length = self.trace.length_h
+        while self.ends_at >= self.wraps_at and self.wraps_at - self.start < cap_h:
+            self._take(round(self.wraps_at / length), 0.0)
+        return min(self.ends_at - self.start, cap_h)
+
     def spot_price(self, t: float) -> float | None:
         return None
 
@@ -290,24 +298,37 @@ Model = PoissonModel | AvailabilityTrace | EventLogTrace | TimestampTrace
 
 
 def sample_uptimes(model: Model, num_nodes: int, rng: random.Random, n: int = 400,
-                   cap_h: float = 1e4, step_h: float = 1 / 60) -> list[float]:
-    """How long the job's nodes last once launched, from `n` launches at random moments when
-    spot can be had (the real distribution the simulation replays; capped at cap_h)."""
+                   cap_h: float = 1e4) -> list[float]:
+    """How long the job's spot nodes last from a launch, as the simulation replays it (capped
+    at cap_h; [inf] when spot is never lost):
+
+    - availability: the stretches with >= num_nodes available (a job that waited for spot
+      launches at a stretch's start);
+    - event log: `n` launches at random moments when num_nodes are up, on nodes picked as
+      the replay picks them;
+    - timestamps: the gaps between preemptions;
+    - Poisson: `n` draws of the exponential.
+    """
     if isinstance(model, PoissonModel):
         rate = model.job_rate(num_nodes)
-        return [rng.expovariate(rate) if rate > 0 else cap_h for _ in range(n)]
-    found = []
+        return [rng.expovariate(rate) if rate > 0 else math.inf for _ in range(n)]
+    if isinstance(model, AvailabilityTrace):
+        ok = [c >= num_nodes for c in model.counts]
+        if all(ok):
+            return [math.inf]
+        first_gap = ok.index(False)  # start on a gap: no stretch straddles the wrap
+        ok = ok[first_gap:] + ok[:first_gap]
+        return [len(list(ticks)) * model.gap_h for up, ticks in groupby(ok) if up]
+    if isinstance(model, TimestampTrace):
+        return [g for g in model.gaps() if g > 0] or [model.length_h]
+    found: list[float] = []
     for _ in range(n * 20):
         if len(found) == n:
             break
         market = model.market(rng, num_nodes)
-        if not market.can_launch(0.0):
-            continue
-        market.launch(0.0)
-        t = step_h
-        while t < cap_h and not market.lost(t):
-            t += step_h
-        found.append(t)
+        if market.can_launch(0.0):
+            market.launch(0.0)
+            found.append(market.hours_until_lost(cap_h))
     return found
 
 
