@@ -78,12 +78,13 @@ def test_interval_in_steps_and_on_demand_cost_by_hand(capsys, p3_recipe):
     assert i["daly_min"] == pytest.approx(116.69, abs=0.005)
     assert i["daly_steps"] == 700  # 116.69 min * 60 / 10 s
     assert i["simulated_from"] == "Daly"
-    # On-demand: 24 h / 1.9448 h -> 13 pieces, 12 saves of 5 min, one 0.1 h launch:
-    # 0.1 + 24 + 12 * 5/60 = 25.1 h; 25.1 h * $3.06 = $76.806.
-    assert r["formula"]["on_demand_h"] == pytest.approx(25.1)
-    assert r["formula"]["on_demand_cost"] == pytest.approx(76.806)
+    # On-demand (no periodic saves): one 0.1 h launch + 24 h = 24.1 h; * $3.06 = $73.746.
+    assert r["formula"]["on_demand_h"] == pytest.approx(24.1)
+    assert r["formula"]["on_demand_cost"] == pytest.approx(73.746)
     od = by_policy(r)["on-demand"]
-    assert od["wall_h_mean"] == pytest.approx(25.1) and od["cost_mean"] == pytest.approx(76.806)
+    assert od["wall_h_mean"] == pytest.approx(24.1) and od["cost_mean"] == pytest.approx(73.746)
+    # A policy that saves: 24 h / 1.9448 h -> 13 pieces, 12 saves of 5 min: 25.1 h of it.
+    assert iv.on_demand_hours(24.0, 116.69 / 60, 5 / 60, 0.1) == pytest.approx(25.1)
 
 
 # --- expected costs -------------------------------------------------------------------------
@@ -151,6 +152,8 @@ def test_known_trace_greedy_misses_uniform_progress_meets_and_beats_on_demand(
     assert up["p_miss"] == 0.0 and up["wall_h_mean"] <= 14.0
     assert up["cost_mean"] < p["on-demand"]["cost_mean"]
     assert up["spot_share"] == pytest.approx(0.39)  # the 3.9 h done on spot
+    # Spot in [0, 14 h]: one 4 h stretch, less a 0.1 h changeover: 3.9 h of 10 at most.
+    assert r["spot_share_bound"] == pytest.approx(0.39)
     assert r["verdict"].startswith("Spot pays")
 
 
@@ -170,6 +173,20 @@ def test_uniform_progress_uses_more_spot_than_greedy_under_a_tight_deadline(caps
         assert p[name]["p_miss"] == 0.0, name
     assert p["Uniform Progress"]["spot_share"] > p["greedy + safety net"]["spot_share"]
     assert p["Uniform Progress"]["cost_mean"] < p["greedy + safety net"]["cost_mean"]
+
+
+def test_a_plain_sentence_says_when_spot_does_not_pay(capsys, p3_recipe):
+    common = ("--checkpoint-seconds", 300, "--restart-seconds", 0, "--changeover-hours", 0.1,
+              "--runs", 5)
+    # A preemption every 3 min of the job against 5 min saves and 6 min relaunches.
+    r = run_main(capsys, p3_recipe, "--hours", 2, "--preemptions-per-hour", 20, *common)
+    assert r["verdict"].startswith("Spot does not pay here: preemptions come every 0.05 h")
+    # 10 h of work by 10.15 h: 0.05 h to spare over on-demand's 10.1 h.
+    r = run_main(capsys, p3_recipe, "--hours", 10, "--deadline-hours", 10.15,
+                 "--preemptions-per-hour", 0.5, *common)
+    assert r["verdict"].startswith("Spot does not pay here: the deadline leaves 0.05 h")
+    r = run_main(capsys, p3_recipe, "--hours", 10, "--deadline-hours", 9, *common)
+    assert r["verdict"].startswith("No policy makes the 9 h deadline")
 
 
 # --- real traces ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from planning import interval as iv  # noqa: E402
 from planning.measured import MeasuredError, newest_rehearsal, read_rehearsal  # noqa: E402
 from planning.prices import PriceError, load_prices  # noqa: E402
 from planning.resources import RecipeError, load_resources  # noqa: E402
-from planning.simulate import Job, Summary, monte_carlo, pick_dt  # noqa: E402
+from planning.simulate import Job, Summary, monte_carlo, pick_dt, spot_share_bound  # noqa: E402
 from planning.traces import (  # noqa: E402
     EventLogTrace,
     PoissonModel,
@@ -280,9 +280,10 @@ def plan(a: argparse.Namespace, progress=None) -> dict:
         "monte_carlo": {"runs": a.runs, "seed": a.seed, "dt_h": pick_dt(job, model),
                         "offset_h": a.offset_hours},
         "policies": [policy_row(s, job) for s in summaries],
+        "spot_share_bound": spot_share_bound(job, model, a.runs, a.seed, a.offset_hours),
     }
     if isinstance(model, PoissonModel):
-        od_h = iv.on_demand_hours(inputs.work_h, tau, c_h, launch_h)
+        od_h = iv.on_demand_hours(inputs.work_h, math.inf, c_h, launch_h)  # no periodic saves
         spot_h = iv.expected_spot_hours(inputs.work_h, tau, c_h, launch_h, rate)
         result["formula"] = {"on_demand_h": od_h, "on_demand_cost": od_h * job.od_price,
                              "greedy_spot_h": spot_h, "greedy_spot_cost": spot_h * job.spot_price}
@@ -414,6 +415,10 @@ def print_text(r: dict) -> None:
                       f"{p['cost_mean']:,.2f}", f"{p['cost_p90']:,.2f}", miss,
                       f"{100 * p['spot_share']:.0f}%", f"{p['preemptions_mean']:.1f}")
     console.print(table)
+    if r["spot_share_bound"] is not None:
+        out(f"no policy, even one that knew the trace, can do more than "
+            f"{100 * r['spot_share_bound']:.0f}% of the work on spot by the deadline (the spot "
+            f"hours in each run's window, less a changeover per stretch)")
     if "formula" in r:
         f = r["formula"]
         out(f"closed form (Poisson, spot always relaunchable): on-demand {f['on_demand_h']:.2f} h "

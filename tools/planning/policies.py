@@ -6,7 +6,8 @@ runs on keeps it; anything else stops it (saving its progress on the way out) an
 the new kind, which takes the changeover (d + R) before the first step. ``"spot"`` is only
 possible while the job still holds its spot nodes or ``now.spot_ok``.
 
-- **on-demand**: always on-demand.
+- **on-demand**: always on-demand, with no periodic checkpoints (nothing preempts it): the
+  price of not using spot at all. Every other policy saves every interval, on spot or not.
 - **greedy spot**: spot whenever it can be had, else wait; no deadline in mind. This is a
   SkyPilot managed spot job (``use_spot: true``, EAGER_NEXT_REGION or FAILOVER).
 - **spot, on-demand fallback**: SkyPilot's ``any_of`` with spot and on-demand candidates.
@@ -43,6 +44,7 @@ class Now:
 
 class OnDemand:
     name = "on-demand"
+    periodic_saves = False  # never preempted: the baseline saves only at the end
 
     def choose(self, now: Now) -> str | None:
         return "od"

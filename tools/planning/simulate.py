@@ -25,10 +25,10 @@ import math
 import random
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from planning.policies import Now, policies_for
-from planning.traces import Model
+from planning.traces import AvailabilityTrace, Model
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,8 @@ class Run:
 def simulate(policy, market, job: Job, dt: float, limit_h: float) -> Run:
     """One run, from submission until the job is done or limit_h passes."""
     run = Run(policy.name)
+    if not getattr(policy, "periodic_saves", True):
+        job = replace(job, interval_h=math.inf)
     t, progress, committed, since_save = 0.0, 0.0, 0.0, 0.0
     on, launch_left, save_left = None, 0.0, 0.0
     done_on = {"spot": 0.0, "od": 0.0}  # uncommitted work by kind, for the spot share
@@ -210,3 +212,27 @@ def monte_carlo(job: Job, model: Model, runs: int, seed: int,
         if on_run:
             on_run()
     return summaries
+
+
+def spot_share_bound(job: Job, model: Model, runs: int, seed: int,
+                     offset_h: float | None = None) -> float | None:
+    """An upper bound on the spot share any policy, even an omniscient one, can reach by the
+    deadline on an availability trace: the spot hours in [0, deadline] of each run's window,
+    less a changeover per stretch, over the work (at most 1). None without a deadline or on
+    other models. The windows are the runs' own (the same random offsets)."""
+    if job.deadline_h is None or not isinstance(model, AvailabilityTrace):
+        return None
+    shares = []
+    for i in range(runs):
+        market = model.market(random.Random(f"{seed}:{i}"), job.num_nodes, offset_h)
+        usable, stretch, t = 0.0, 0.0, 0.0
+        while t < job.deadline_h:
+            if market.can_launch(t):
+                stretch += model.gap_h
+            else:
+                usable += max(0.0, stretch - job.launch_h)
+                stretch = 0.0
+            t += model.gap_h
+        usable += max(0.0, stretch - job.launch_h)
+        shares.append(min(1.0, usable / job.work_h))
+    return statistics.fmean(shares)
