@@ -69,8 +69,12 @@ test: $(READY)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
+# tools/lint.py: every recipes/*.yaml through SkyPilot's own parser, then recovery, secrets,
+# pinned setup:, run: hazards, $SKYPILOT_* names and project-script flags (warnings alone
+# pass). tests/test_recipes.py still runs: it executes setup:/run: with fakes, lint does not.
 lint: $(READY)
 	$(BIN)/ruff check .
+	$(BIN)/python tools/lint.py
 	$(BIN)/python -m pytest -q tests/test_recipes.py
 
 # Bucket lag on a capped MOUNT_CACHED upload: skipping saves while uploading vs not (~2 min).
