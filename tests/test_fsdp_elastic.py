@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 from collections import Counter
@@ -31,6 +30,7 @@ from trainer import (
     assert_bit_identical,
     command,
     env_for,
+    kill_at_random_instants,
     kill_tree,
     last_step,
     lm_args,
@@ -88,39 +88,13 @@ def fsdp_baseline(tiny_assets, tmp_path_factory):
     return weights(root / "ckpt" / "t" / "final"), root
 
 
-def _torn(run_dir: Path) -> Path | None:
-    """A step directory with files in it but no manifest: a save in progress."""
-    for d in run_dir.glob("step-*") if run_dir.is_dir() else ():
-        try:
-            files = {f.name for f in d.iterdir()}
-        except FileNotFoundError:
-            continue
-        if files and MANIFEST not in files:
-            return d
-    return None
-
-
 def test_fsdp_resume_is_bit_exact_after_sigkill_at_random_instants(
         tiny_assets, tmp_path, fsdp_baseline):
-    rng = random.Random(17)
-    plan = sorted(rng.sample(range(3, 22), 2))
-    plan.insert(rng.randrange(3), "mid-checkpoint")
+    torn = kill_at_random_instants(tiny_assets, tmp_path, 2, 17, fsdp=True,
+                                   async_checkpoint=True)
+    assert torn and torn[0] is not None
     run_dir = tmp_path / "ckpt" / "t"
-    for attempt, target in enumerate(plan):
-        slow = {"SKYSPOT_FAULT_WRITE_DELAY_S": "0.4"} if target == "mid-checkpoint" else {}
-        events = tmp_path / f"events-{attempt}.jsonl"
-        proc = start(command(lm_args(tiny_assets, tmp_path / "ckpt", fsdp=True,
-                                     async_checkpoint=True), 2),
-                     env_for(events, **slow), tmp_path / "log.txt")
-        if target == "mid-checkpoint":
-            reached = wait_until(lambda: _torn(run_dir) is not None, proc)
-        else:
-            reached = wait_until(lambda t=target, e=events: last_step(read_events(e)) >= t,
-                                 proc)
-        assert reached, f"attempt {attempt} ended before {target}"
-        kill_tree(proc, signal.SIGKILL)
-        proc.wait()
-    final = _finish(tiny_assets, tmp_path, 2, len(plan), fsdp=True, async_checkpoint=True)
+    final = _finish(tiny_assets, tmp_path, 2, 3, fsdp=True, async_checkpoint=True)
     resumed = [e for e in final if e["event"] == "resumed"]
     assert resumed and resumed[0]["step"] > 0, "the last attempt restarted from step 0"
     assert_bit_identical(weights(run_dir / "final"), fsdp_baseline[0])

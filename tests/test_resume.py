@@ -5,7 +5,6 @@ uninterrupted run, compared tensor by tensor with torch.equal."""
 from __future__ import annotations
 
 import json
-import random
 import signal
 
 import pytest
@@ -13,11 +12,13 @@ from trainer import (
     assert_bit_identical,
     command,
     env_for,
+    kill_at_random_instants,
     kill_tree,
     last_step,
     lm_args,
     read_events,
     start,
+    torn_checkpoint,
     wait_until,
     weights,
 )
@@ -53,20 +54,6 @@ def baselines(tiny_assets, tmp_path_factory):
     return get
 
 
-def _torn_checkpoint(run_dir):
-    """A step directory with files in it but no manifest: a save in progress."""
-    if not run_dir.is_dir():
-        return None
-    for d in run_dir.glob("step-*"):
-        try:
-            files = {f.name for f in d.iterdir()}
-        except FileNotFoundError:  # retention deleted it meanwhile
-            continue
-        if files and "manifest.json" not in files:
-            return d
-    return None
-
-
 @pytest.mark.parametrize(
     "ranks,async_save,seed",
     [(1, False, 11), (1, True, 12), (2, True, 13)],
@@ -75,30 +62,12 @@ def _torn_checkpoint(run_dir):
 def test_resume_is_bit_exact_after_sigkill_at_random_instants(
     tiny_assets, tmp_path, baselines, ranks, async_save, seed
 ):
-    rng = random.Random(seed)
-    # Two random optimizer steps plus one strike in the middle of a checkpoint write.
-    plan = sorted(rng.sample(range(3, 22), 2))
-    plan.insert(rng.randrange(3), "mid-checkpoint")
-    run_dir = tmp_path / "ckpt" / "t"
-    torn = []
-    for attempt, target in enumerate(plan):
-        events = tmp_path / f"events-{attempt}.jsonl"
-        slow = {"SKYSPOT_FAULT_WRITE_DELAY_S": "0.4"} if target == "mid-checkpoint" else {}
-        flags = {"async_checkpoint": async_save}
-        proc = start(command(lm_args(tiny_assets, tmp_path / "ckpt", **flags), ranks),
-                     env_for(events, **slow), tmp_path / "log.txt")
-        if target == "mid-checkpoint":
-            reached = wait_until(lambda: _torn_checkpoint(run_dir) is not None, proc)
-        else:
-            reached = wait_until(lambda t=target, e=events: last_step(read_events(e)) >= t, proc)
-        assert reached, f"attempt {attempt} ended before {target}"
-        kill_tree(proc, signal.SIGKILL)
-        proc.wait()
-        if target == "mid-checkpoint":
-            torn.append(_torn_checkpoint(run_dir))
+    torn = kill_at_random_instants(tiny_assets, tmp_path, ranks, seed,
+                                   async_checkpoint=async_save)
     assert torn and torn[0] is not None
+    run_dir = tmp_path / "ckpt" / "t"
 
-    final = _finish(tiny_assets, tmp_path, ranks, len(plan), async_checkpoint=async_save)
+    final = _finish(tiny_assets, tmp_path, ranks, 3, async_checkpoint=async_save)
     resumed = [e for e in final if e["event"] == "resumed"]
     assert resumed and resumed[0]["step"] > 0, "the last attempt restarted from step 0"
     assert [e["world_size"] for e in final if e["event"] == "start"] == [ranks]
@@ -138,8 +107,8 @@ def test_a_preemption_during_a_slow_periodic_save_abandons_it_within_a_30s_grace
     cmd = command(lm_args(tiny_assets, tmp_path / "ckpt", async_checkpoint=True), 2,
                   wrapper=True)
     proc = start(cmd, env_for(events, **{ASYNC_WRITE_DELAY_ENV: "15"}), tmp_path / "log.txt")
-    assert wait_until(lambda: _torn_checkpoint(run_dir) is not None, proc)
-    slow = _torn_checkpoint(run_dir)
+    assert wait_until(lambda: torn_checkpoint(run_dir) is not None, proc)
+    slow = torn_checkpoint(run_dir)
     kill_tree(proc, signal.SIGTERM)
     grace_s = 30
     assert proc.wait(timeout=grace_s) == PREEMPTED_EXIT_CODE, (tmp_path / "log.txt").read_text()

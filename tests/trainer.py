@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -141,3 +142,45 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differing, f"tensors differ: {differing[:5]}"
+
+
+def torn_checkpoint(run_dir: Path) -> Path | None:
+    """A step directory with files in it but no manifest: a save in progress."""
+    if not run_dir.is_dir():
+        return None
+    for d in run_dir.glob("step-*"):
+        try:
+            files = {f.name for f in d.iterdir()}
+        except FileNotFoundError:  # retention deleted it meanwhile
+            continue
+        if files and "manifest.json" not in files:
+            return d
+    return None
+
+
+def kill_at_random_instants(assets: Path, root: Path, ranks: int, seed: int,
+                            **flags) -> list[Path]:
+    """Start lm_args(assets, root / "ckpt", **flags) on ``ranks`` and SIGKILL the whole run
+    three times: at two random optimizer steps and once in the middle of a checkpoint write
+    (slowed down for that), in a random order; attempt k's events go to root/events-k.jsonl.
+    Returns the torn checkpoint directories that the mid-checkpoint kill left."""
+    rng = random.Random(seed)
+    plan: list = sorted(rng.sample(range(3, 22), 2))
+    plan.insert(rng.randrange(3), "mid-checkpoint")
+    run_dir = root / "ckpt" / "t"
+    torn = []
+    for attempt, target in enumerate(plan):
+        events = root / f"events-{attempt}.jsonl"
+        slow = {"SKYSPOT_FAULT_WRITE_DELAY_S": "0.4"} if target == "mid-checkpoint" else {}
+        proc = start(command(lm_args(assets, root / "ckpt", **flags), ranks),
+                     env_for(events, **slow), root / "log.txt")
+        if target == "mid-checkpoint":
+            reached = wait_until(lambda: torn_checkpoint(run_dir) is not None, proc)
+        else:
+            reached = wait_until(lambda t=target, e=events: last_step(read_events(e)) >= t, proc)
+        assert reached, f"attempt {attempt} ended before {target}"
+        kill_tree(proc, signal.SIGKILL)
+        proc.wait()
+        if target == "mid-checkpoint":
+            torn.append(torn_checkpoint(run_dir))
+    return torn
