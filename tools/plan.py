@@ -17,6 +17,7 @@ model and formulas: tools/planning/. Bad input: one line, exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -431,11 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         progress = _progress(args)
-        with progress or _nothing():
+        with progress or contextlib.nullcontext():
             tick = None
             if progress is not None:
                 task = progress.add_task("Monte Carlo", total=args.runs)
-                tick = lambda: progress.advance(task)  # noqa: E731
+
+                def tick():
+                    progress.advance(task)
+
             result = plan(args, tick)
     except (BadInput, TraceError, PriceError, MeasuredError, RecipeError) as e:
         print(f"plan: error: {e}", file=sys.stderr)
@@ -454,14 +458,6 @@ def _progress(args):
     from rich.progress import Progress
 
     return Progress(transient=True)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

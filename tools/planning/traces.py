@@ -350,6 +350,8 @@ def load_trace(path: Path) -> AvailabilityTrace | EventLogTrace | TimestampTrace
     if text.lstrip().startswith("{"):
         return _availability(path, text)
     rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise TraceError(f"trace {path} has no rows")
     if len(rows[0]) == 3 or (len(rows) > 1 and len(rows[1]) == 3):
         return _event_log(path, rows)
     if all(len(r) == 1 for r in rows):
