@@ -14,7 +14,7 @@ DEMO_DIR    ?= runs/demo
 # FUSE=no skips the install, e.g. `make setup FUSE=no`.
 FUSE        ?= yes
 
-.PHONY: setup demo demo-embed test lint bench-lag bench-data bench-infer bench-ckpt bench-ckpt-sharded clean
+.PHONY: setup demo demo-embed test lint bench-lag bench-data bench-infer bench-ckpt bench-ckpt-sharded bench-goodput clean
 
 # What every target needs. $(VENV)/.fuse marks that the fuse3 step ran for this .venv, so
 # `make test` and `make demo` change system packages at most once, on first use; an explicit
@@ -102,6 +102,12 @@ bench-ckpt: $(READY)
 # resume_point + DCP vs a plain DCP load, cold page cache (~3 min on 2 cores).
 bench-ckpt-sharded: $(READY)
 	$(BIN)/python tools/bench_ckpt_sharded.py --workdir runs/bench-ckpt-sharded
+
+# The planner against the real stack: recipes/train-lm-spot.yaml rehearsed with lost VMs at
+# Poisson and Bamboo-trace times, the interval from tools/plan.py; measured goodput and wall
+# vs the planner's simulator for the same inputs, target 5% (~5-8 min on 2 cores).
+bench-goodput: $(READY)
+	$(BIN)/python tools/bench_goodput.py --workdir runs/bench-goodput
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
