@@ -476,7 +476,8 @@ def _metric(row: Row) -> str:
 
 def print_table(headers: list[str], rows: list[list[str]], right: set[int]) -> None:
     if Console is not None:
-        width = shutil.get_terminal_size((200, 24)).columns
+        # A terminal's width on a terminal; piped (grep, a log, a test), whole lines.
+        width = shutil.get_terminal_size((200, 24)).columns if sys.stdout.isatty() else 200
         table = Table(box=None, header_style="bold", pad_edge=False)
         for i, header in enumerate(headers):
             table.add_column(header, justify="right" if i in right else "left",

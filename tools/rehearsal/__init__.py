@@ -169,8 +169,9 @@ optimizer steps, null where unknown):
                                    buckets: {<bucket>: {objects, bytes}})
                      starts        [{node, world_size, time}]: start events of every node
                      buckets_at_end  {<bucket>: {objects, bytes}} once the attempt ended
-                     checkpoints   [{step, path, seconds, bytes, async, time, durable_step,
-                                   lag_steps}] from node 0's checkpoint events
+                     checkpoints   [{step, path, seconds, bytes, async, stall_seconds,
+                                   time, durable_step, lag_steps}] from node 0's
+                                   checkpoint events
                      skipped_checkpoints  [step, ...]: periodic saves the trainer skipped
                                    because the previous one was still being written or
                                    not yet in the bucket

@@ -120,6 +120,8 @@ class Attempt:
                 "seconds": event.get("seconds"),
                 "bytes": event.get("bytes"),
                 "async": event.get("async"),
+                # seconds the training loop waited for this save (an async one: the snapshot)
+                "stall_seconds": event.get("stall_seconds"),
                 "time": when,
                 "durable_step": event_step(event, "durable_step"),
                 "lag_steps": event_step(event, "lag_steps"),

@@ -113,7 +113,9 @@ def span_of(attempt: Attempt, following: Attempt | None) -> Span:
 def account(run: Run) -> Accounting:
     attempts = run.attempts
     wall = max(0.0, run.t_end - run.t0)
-    spans = [span_of(a, attempts[i + 1] if i + 1 < len(attempts) else None)
+    # What an attempt kept is where the next attempt that reached the training loop
+    # resumed: relaunches killed during startup resumed nothing.
+    spans = [span_of(a, next((b for b in attempts[i + 1:] if b.start_step is not None), None))
              for i, a in enumerate(attempts)]
     acc = Accounting(wall=wall, spans=spans)
     for name in ("startup", "useful", "stall", "lost", "tail"):
