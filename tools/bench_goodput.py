@@ -30,7 +30,7 @@ with the planner's prediction for the same inputs. Target: within 5%.
    strikes attempt i X_i after that attempt's launch, so no step mapping is needed.
    - ``poisson``: X_i ~ Exp(mean M), seeded: the planner's Poisson market draws one
      exponential per launch too.
-   - ``bamboo``: the Bamboo p3 event log (../shared/traces/bamboo-p3.csv), every time scaled
+   - ``bamboo``: the Bamboo p3 event log (traces/bamboo-p3.csv), every time scaled
      by M / (the job's mean uptime on it, sample_uptimes as the planner takes it: ~1.6-1.8 h
      from a launch), i.e. one trace hour = ~20 s at R = 18 s (a ~180x speed-up; printed),
      written to WORKDIR/bamboo-scaled.csv and read by the planner's own loader. X_i are the
@@ -97,7 +97,7 @@ from reporting.accounting import account  # noqa: E402
 from reporting.runs import load as load_run  # noqa: E402
 
 RECIPE = "recipes/train-lm-spot.yaml"
-TRACE = REPO.parent / "shared" / "traces" / "bamboo-p3.csv"
+TRACE = REPO / "traces" / "bamboo-p3.csv"
 TARGET = 0.05
 # The tiny model on CPU: ~0.3-0.5 s a step on 2 busy cores, a 15 MB async checkpoint.
 JOB_ENVS = {

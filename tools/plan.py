@@ -3,7 +3,7 @@ whether spot pays at all, from a preemption rate or a replayed real trace.
 
     python tools/plan.py recipes/train-lm-spot.yaml --hours 48 --preemptions-per-hour 0.3
     python tools/plan.py recipes/train-lm-spot.yaml --steps 20000 --step-seconds 8.6 \\
-        --trace ../shared/traces/bamboo-p3.csv --deadline-hours 60 --changeover-hours 0.2
+        --trace traces/bamboo-p3.csv --deadline-hours 60 --changeover-hours 0.2
 
 Policies (tools/planning/policies.py): always on-demand, greedy spot, spot with on-demand
 fallback and, under --deadline-hours, greedy with a safety net and Uniform Progress (Can't

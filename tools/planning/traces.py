@@ -16,7 +16,7 @@ Trace formats (``load_trace`` tells them apart by content):
   while the value is >= num_nodes and loses its nodes when it drops below. ``prices``
   (optional, $/h) is the spot price per tick. (A trace that marks *preempted* ticks with 1
   means the opposite: invert it before replaying.)
-- **Event log** ``ms,add|remove,node`` (Bamboo, NSDI '23; ``../shared/traces/bamboo-p3.csv``):
+- **Event log** ``ms,add|remove,node`` (Bamboo, NSDI '23; ``traces/bamboo-p3.csv``):
   a cluster's nodes coming and going. A job of N nodes launches when N nodes are up, takes N
   of them at random and is preempted when any of those is removed; so both the gaps and
   the real per-node uptimes come from the log.

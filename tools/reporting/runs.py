@@ -311,12 +311,14 @@ def _attempt_from_record(index: int, record: dict) -> Attempt:
 
 
 def _assign(attempts: list[Attempt], events: list[dict]) -> None:
-    """Each event to the last attempt launched at or before it."""
+    """Each event to the last attempt launched at or before it. No slack: rehearse stamps
+    launches and the trainer its events with the same clock, and a relaunch can follow a
+    lost VM within 0.1 s, so the last steps before a kill would go to the next attempt."""
     groups: list[list[dict]] = [[] for _ in attempts]
     for e in events:
         when = float(e["time"])
         i = max((k for k, a in enumerate(attempts)
-                 if a.launched is None or a.launched <= when + 0.5), default=0)
+                 if a.launched is None or a.launched <= when), default=0)
         groups[i].append(e)
     for a, group in zip(attempts, groups, strict=True):
         ending = a.ending
