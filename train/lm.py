@@ -748,10 +748,11 @@ def train(cfg: Config) -> int:
         scheduler.load_state_dict(resume.load(f"scheduler{ext}"))
         step, epoch, consumed, tokens = (meta[k] for k in ("step", "epoch", "consumed", "tokens"))
         # The position in the epoch in sequences (global), as written; a checkpoint from
-        # before the cursor was recorded has micro-batches of its own world size.
+        # before the cursor was recorded has micro-batches of its own batch and world size.
         saved_world = resume.manifest["world_size"]
-        cursor = meta.get("cursor", consumed * meta.get("batch_size", cfg.batch_size)
-                          * saved_world)
+        saved_batch = (meta["config"].get("batch_size", cfg.batch_size) if changes is not None
+                       else cfg.batch_size)  # no settings recorded: its batch was checked equal
+        cursor = meta.get("cursor", consumed * saved_batch * saved_world)
         if changes:
             cursor = apply_setting_changes(changes, cfg, scheduler, meta["config"], cursor)
         consumed = cursor // (cfg.batch_size * world)  # micro-batches of this world size
@@ -792,8 +793,8 @@ def train(cfg: Config) -> int:
         abandoned = checkpointer.save(at_step, files, final=final, meta={
             "step": at_step, "epoch": epoch, "consumed": consumed, "tokens": tokens,
             # the position in the epoch in sequences, on any world size (--elastic)
-            "cursor": consumed * cfg.batch_size * world, "batch_size": cfg.batch_size,
-            "global_batch": global_batch, "grad_accum": cfg.grad_accum, "sharded": cfg.fsdp,
+            "cursor": consumed * cfg.batch_size * world,
+            "global_batch": global_batch, "sharded": cfg.fsdp,
             "seed": cfg.seed, "run_name": run_name,
             "config": record_settings(cfg, SETTINGS)})
         if abandoned is not None:
