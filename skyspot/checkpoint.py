@@ -172,12 +172,7 @@ class Checkpoint:
             entry = next((e for e in self.manifest["files"] if e["path"] == name), None)
             if entry is None:
                 raise CheckpointError(f"checkpoint {self.path} does not list {name}")
-            # Another node's mount lists files written elsewhere only after its directory
-            # cache expires (rclone: --dir-cache-time 10s); rank 0 has verified the file.
-            file = self.path / name
-            deadline = time.monotonic() + _LIST_GRACE_S
-            while not file.exists() and time.monotonic() < deadline:
-                time.sleep(0.5)
+            _wait_until_listed([self.path / name])
             try:
                 raw = _read_checked(self.path, entry, keep=True)
             except _Unusable as err:
@@ -189,6 +184,16 @@ class Checkpoint:
                 raise CheckpointError(str(err)) from None
         # weights_only=False: RNG states hold numpy arrays; the file's checksum was verified.
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+
+
+def _wait_until_listed(files: list[Path]) -> None:
+    """Wait up to _LIST_GRACE_S for ``files``, which another rank has listed or verified, to
+    show here: another node's mount lists files written elsewhere only after its directory
+    cache expires (rclone: --dir-cache-time 10s). A file still absent then is reported by
+    the read that follows."""
+    deadline = time.monotonic() + _LIST_GRACE_S
+    while not all(file.exists() for file in files) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 class _HashingWriter:
@@ -952,13 +957,8 @@ class Checkpointer:
                                       if _checked_by(entry["path"], self.world_size) == self.rank]}
         if not mine["files"]:
             return {}, None
-        if self.rank != 0:
-            # Another node's mount lists files written elsewhere only after its directory
-            # cache expires (rclone: --dir-cache-time 10s); rank 0 has seen them all.
-            deadline = time.monotonic() + _LIST_GRACE_S
-            while (not all((path / e["path"]).exists() for e in mine["files"])
-                   and time.monotonic() < deadline):
-                time.sleep(0.5)
+        if self.rank != 0:  # rank 0 has listed them all
+            _wait_until_listed([path / entry["path"] for entry in mine["files"]])
         return _read_all(path, mine, keep=True)
 
     # --- save ---------------------------------------------------------------------
